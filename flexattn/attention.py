@@ -1,0 +1,225 @@
+"""Hierarchical self-attention (DESIGN.md section 3) and the per-generation FlexAttention state.
+
+Every position attends causally to the sequence through SDPA. The last query position of each
+forward step is computed explicitly in float32: its sequence-only softmax feeds the selection of
+the next layer, and in FlexAttention layers it also attends to the selected high-resolution keys
+(one softmax over sequence keys and selected keys together). High-resolution keys and values
+never enter the sequence KV cache: they live in ``FlexState``'s per-block cache, projected once
+per image and layer when a block is first selected and reused at every later step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
+
+from .config import FlexAttnConfig
+from .selection import select_high_res
+
+
+@dataclass
+class KVCache:
+    """Preallocated sequence cache of one layer. k, v: [B, Hkv, S_max, D]."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def empty(cls, cfg: FlexAttnConfig, batch: int, length: int, device, dtype) -> KVCache:
+        shape = (batch, cfg.num_key_value_heads, length, cfg.head_dim)
+        return cls(torch.zeros(shape, device=device, dtype=dtype),
+                   torch.zeros(shape, device=device, dtype=dtype))
+
+
+@dataclass
+class FlexState:
+    """What one batched generation carries between layers and steps.
+
+    image_slot: [B] cache index of each sample's first image token; has_image: [B] bool.
+    keep: [B, G, G] margin mask; hr_blocks: [B, P*P, s*s, hidden] projected high-res features
+    grouped by block; hr_cos / hr_sin: [B, P*P, s*s, D] float32 rotary tables of those tokens.
+    """
+
+    cfg: FlexAttnConfig
+    image_slot: torch.Tensor
+    has_image: torch.Tensor
+    keep: torch.Tensor
+    hr_blocks: torch.Tensor | None
+    hr_cos: torch.Tensor | None
+    hr_sin: torch.Tensor | None
+    use_hr: bool = True
+    trace: bool = False
+    # mask produced by the previous layer for the current one: [B, P*P] bool
+    block_mask: torch.Tensor | None = None
+    # lazily filled high-res key/value cache per FlexAttention layer: [B, Hkv, P*P, s*s, D]
+    hr_k: dict[int, torch.Tensor] = field(default_factory=dict)
+    hr_v: dict[int, torch.Tensor] = field(default_factory=dict)
+    computed: dict[int, torch.Tensor] = field(default_factory=dict)  # [B, P*P] bool
+    # per step, per FlexAttention layer: blocks used -> filled by the layers
+    step_used: list[torch.Tensor] = field(default_factory=list)
+    step_maps: list[torch.Tensor] = field(default_factory=list)  # trace: [B, G*G] per layer >= s
+    step_masks: list[torch.Tensor] = field(default_factory=list)  # trace: masks made, per layer
+    last_map: torch.Tensor | None = None  # [B, G*G] map of layer s at the latest step
+    hr_kv_blocks_projected: int = 0
+
+    def begin_step(self) -> None:
+        self.block_mask = None
+        self.step_used = []
+        self.step_maps = []
+        self.step_masks = []
+
+    def gather_image_attention(self, probs: torch.Tensor) -> torch.Tensor:
+        """probs: [B, S] (last query, summed over heads) -> [B, G*G] on the image positions."""
+        n = self.cfg.lr_tokens
+        idx = self.image_slot.view(-1, 1) + torch.arange(n, device=probs.device).view(1, -1)
+        idx = idx.clamp(max=probs.shape[1] - 1)
+        return probs.gather(1, idx) * self.has_image.view(-1, 1)
+
+    def update_selection(self, layer_idx: int, probs: torch.Tensor) -> None:
+        """Selection made by ``layer_idx`` from its sequence-only attention; used by the next."""
+        amap = self.gather_image_attention(probs)
+        if layer_idx == self.cfg.select_layer:
+            self.last_map = amap
+        if layer_idx == self.cfg.num_hidden_layers - 1 and not self.trace:
+            return  # the last layer's selection is used by nothing
+        mask = select_high_res(amap, self.keep, self.cfg.threshold, self.cfg.pool_grid)
+        mask &= self.has_image.view(-1, 1)
+        self.block_mask = mask
+        if self.trace:
+            self.step_maps.append(amap)
+            self.step_masks.append(mask)
+
+    def hr_kv(self, layer_idx: int, attn: HierarchicalAttention
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys, values and validity of the selected high-res tokens for ``layer_idx``.
+
+        Returns k, v: [B, Hkv, N, D] and valid: [B, N] bool, N = 64 * (most blocks selected by
+        one sample). Blocks selected for the first time are projected (k_proj_hd / v_proj_hd plus
+        the interpolated rotary embedding for keys) and cached for later steps."""
+        cfg = self.cfg
+        mask = self.block_mask
+        assert mask is not None and self.hr_blocks is not None
+        b, nblk = mask.shape
+        tok = cfg.block_size ** 2
+        hkv, d = cfg.num_key_value_heads, cfg.head_dim
+        if layer_idx not in self.hr_k:
+            shape = (b, hkv, nblk, tok, d)
+            dtype = self.hr_blocks.dtype
+            self.hr_k[layer_idx] = torch.zeros(shape, device=mask.device, dtype=dtype)
+            self.hr_v[layer_idx] = torch.zeros(shape, device=mask.device, dtype=dtype)
+            self.computed[layer_idx] = torch.zeros(b, nblk, dtype=torch.bool, device=mask.device)
+        hr_k, hr_v, done = self.hr_k[layer_idx], self.hr_v[layer_idx], self.computed[layer_idx]
+        need = mask & ~done
+        if need.any():
+            bi, ki = need.nonzero(as_tuple=True)
+            x = self.hr_blocks[bi, ki]  # [n, 64, hidden]
+            k = attn.k_proj_hd(x).view(-1, tok, hkv, d)
+            v = attn.v_proj_hd(x).view(-1, tok, hkv, d)
+            cos = self.hr_cos[bi, ki].unsqueeze(2)  # [n, 64, 1, D]
+            sin = self.hr_sin[bi, ki].unsqueeze(2)
+            kf = k.float()
+            k = (kf * cos + rotate_half(kf) * sin).to(hr_k.dtype)
+            hr_k[bi, :, ki] = k.transpose(1, 2)  # [n, Hkv, 64, D]
+            hr_v[bi, :, ki] = v.transpose(1, 2).to(hr_v.dtype)
+            done |= need
+            self.hr_kv_blocks_projected += int(bi.numel())
+        self.step_used.append(mask)
+        counts = mask.sum(1)
+        kmax = int(counts.max())
+        if kmax == 0:
+            empty = hr_k.new_zeros(b, hkv, 0, d)
+            return empty, empty, torch.zeros(b, 0, dtype=torch.bool, device=mask.device)
+        # selected block ids first (stable sort keeps block order), padded with unselected ones
+        order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :kmax]
+        valid_blk = torch.arange(kmax, device=mask.device).view(1, -1) < counts.view(-1, 1)
+        bidx = torch.arange(b, device=mask.device).view(-1, 1)
+        k_sel = hr_k[bidx, :, order]  # [B, kmax, Hkv, 64, D]
+        v_sel = hr_v[bidx, :, order]
+        k_sel = k_sel.permute(0, 2, 1, 3, 4).reshape(b, hkv, kmax * tok, d)
+        v_sel = v_sel.permute(0, 2, 1, 3, 4).reshape(b, hkv, kmax * tok, d)
+        valid = valid_blk.repeat_interleave(tok, dim=1)
+        return k_sel, v_sel, valid
+
+
+class HierarchicalAttention(nn.Module):
+    """Llama attention; in layers > s the last query also attends to selected high-res keys."""
+
+    def __init__(self, cfg: FlexAttnConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.layer_idx = layer_idx
+        h, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = h, hkv, d
+        self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=False)
+        self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=False)
+        self.selects = layer_idx >= cfg.select_layer  # computes a selection for the next layer
+        self.is_flex = layer_idx > cfg.select_layer  # attends to high-res keys
+        if self.is_flex:
+            self.k_proj_hd = nn.Linear(cfg.hidden_size, hkv * d, bias=False)
+            self.v_proj_hd = nn.Linear(cfg.hidden_size, hkv * d, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
+                start: int, sdpa_mask: torch.Tensor, key_valid: torch.Tensor,
+                flex: FlexState | None) -> torch.Tensor:
+        # x: [B, T, hidden]; cos, sin: [B, T, D]; sdpa_mask: [B, 1, T, S] bool (True = attend)
+        # key_valid: [B, S] bool; S = start + T
+        b, t, _ = x.shape
+        h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.q_proj(x).view(b, t, h, d).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(b, t, hkv, d).transpose(1, 2)  # [B, Hkv, T, D]
+        v = self.v_proj(x).view(b, t, hkv, d).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        s = start + t
+        cache.k[:, :, start:s] = k
+        cache.v[:, :, start:s] = v
+        keys, values = cache.k[:, :, :s], cache.v[:, :, :s]  # [B, Hkv, S, D]
+        gqa = h != hkv
+        if flex is None or not self.selects:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=sdpa_mask,
+                                                 enable_gqa=gqa)
+        else:
+            last = self._last_row(q[:, :, -1:], keys, values, key_valid, flex)  # [B, H, 1, D]
+            if t > 1:
+                rest = F.scaled_dot_product_attention(q[:, :, :-1], keys, values,
+                                                      attn_mask=sdpa_mask[:, :, :-1],
+                                                      enable_gqa=gqa)
+                out = torch.cat([rest, last.to(rest.dtype)], dim=2)
+            else:
+                out = last.to(q.dtype)
+        out = out.transpose(1, 2).reshape(b, t, h * d)
+        return self.o_proj(out)
+
+    def _last_row(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                  key_valid: torch.Tensor, flex: FlexState) -> torch.Tensor:
+        # q: [B, H, 1, D]; keys, values: [B, Hkv, S, D] -> [B, H, 1, D] float32
+        b, h = q.shape[:2]
+        hkv, d = keys.shape[1], keys.shape[-1]
+        rep = h // hkv
+        scale = d ** -0.5
+        qf = q.float().reshape(b, hkv, rep, d)  # heads grouped by their kv head
+        scores = torch.einsum("bgrd,bgsd->bgrs", qf, keys.float()) * scale  # [B, Hkv, rep, S]
+        neg = torch.finfo(torch.float32).min
+        scores = scores.masked_fill(~key_valid.view(b, 1, 1, -1), neg)
+        probs_seq = torch.softmax(scores, dim=-1)
+        hr = None
+        if self.is_flex and flex.use_hr and flex.block_mask is not None:
+            hr = flex.hr_kv(self.layer_idx, self)
+        # selection for the next layer, from the sequence-only softmax summed over heads
+        flex.update_selection(self.layer_idx, probs_seq.sum(dim=(1, 2)))
+        if hr is None or hr[0].shape[2] == 0:
+            out = torch.einsum("bgrs,bgsd->bgrd", probs_seq, values.float())
+            return out.reshape(b, h, 1, d)
+        k_hr, v_hr, valid = hr  # [B, Hkv, N, D], [B, N]
+        s_hr = torch.einsum("bgrd,bgnd->bgrn", qf, k_hr.float()) * scale
+        s_hr = s_hr.masked_fill(~valid.view(b, 1, 1, -1), float("-inf"))
+        probs = torch.softmax(torch.cat([scores, s_hr], dim=-1), dim=-1)
+        n_seq = scores.shape[-1]
+        out = (torch.einsum("bgrs,bgsd->bgrd", probs[..., :n_seq], values.float())
+               + torch.einsum("bgrn,bgnd->bgrd", probs[..., n_seq:], v_hr.float()))
+        return out.reshape(b, h, 1, d)

@@ -1,0 +1,64 @@
+"""Image preprocessing (DESIGN.md section 3, "Images"): LLaVA "pad" mode, bicubic resize to the
+high-resolution side, CLIP normalisation, the antialiased low-resolution view and the 3x3 tiles."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+
+def pad_colour(mean: tuple[float, float, float]) -> tuple[int, int, int]:
+    """The CLIP mean colour truncated to integers: (122, 116, 104) for CLIP."""
+    return tuple(int(m * 255) for m in mean)  # type: ignore[return-value]
+
+
+def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """Paste an RGB image centred on a square of side max(w, h) filled with ``fill``."""
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    canvas = Image.new("RGB", (side, side), fill)
+    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def prepare_image(image: Image.Image, highres_size: int,
+                  mean: tuple[float, float, float]) -> tuple[Image.Image, tuple[int, int]]:
+    """Any PIL image -> (padded square RGB image of side ``highres_size``, original (w, h))."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    size = image.size
+    square = pad_to_square(image, pad_colour(mean))
+    if square.size != (highres_size, highres_size):
+        square = square.resize((highres_size, highres_size), Image.Resampling.BICUBIC)
+    return square, size
+
+
+def normalise(images: list[Image.Image], mean: tuple[float, float, float],
+              std: tuple[float, float, float], device: torch.device | str = "cpu"
+              ) -> torch.Tensor:
+    """uint8 RGB PIL images of one size -> float32 tensor [N, 3, H, W], (x / 255 - mean) / std.
+
+    The uint8 pixels move to ``device`` first, so the float work happens there."""
+    arr = np.stack([np.asarray(im, dtype=np.uint8) for im in images])  # [N, H, W, 3]
+    x = torch.from_numpy(arr).to(device).permute(0, 3, 1, 2).to(torch.float32) * (1.0 / 255.0)
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def lowres_view(highres: torch.Tensor, lowres_size: int) -> torch.Tensor:
+    """[N, 3, 1008, 1008] normalised -> [N, 3, 336, 336] by antialiased bilinear downsampling."""
+    return F.interpolate(highres, size=(lowres_size, lowres_size), mode="bilinear",
+                         align_corners=False, antialias=True)
+
+
+def tiles(highres: torch.Tensor, tile: int) -> torch.Tensor:
+    """[N, 3, Z*t, Z*t] -> [N*Z*Z, 3, t, t], tiles of each image row-major."""
+    n, c, hgt, wid = highres.shape
+    z = hgt // tile
+    x = highres.view(n, c, z, tile, z, tile).permute(0, 2, 4, 1, 3, 5)  # [N, Zr, Zc, C, t, t]
+    return x.reshape(n * z * z, c, tile, tile)

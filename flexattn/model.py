@@ -1,0 +1,91 @@
+"""LLaVA-FlexAttn modules: CLIP tower + mlp2x_gelu projector + Llama decoder whose layers above
+``select_layer`` use hierarchical attention. Parameter names follow the original checkpoint
+(``model.layers.N.self_attn.k_proj_hd``, ``model.mm_projector.0``, ``lm_head``) so its weights
+load without renaming; the CLIP tower sits under ``vision_tower``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
+
+from .attention import FlexState, HierarchicalAttention, KVCache
+from .config import FlexAttnConfig
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: FlexAttnConfig, layer_idx: int) -> None:
+        super().__init__()
+        llama = cfg.llama_config()
+        self.self_attn = HierarchicalAttention(cfg, layer_idx)
+        self.mlp = LlamaMLP(llama)
+        self.input_layernorm = LlamaRMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
+                start: int, sdpa_mask: torch.Tensor, key_valid: torch.Tensor,
+                flex: FlexState | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, sdpa_mask,
+                               key_valid, flex)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlavaFlexAttnModel(nn.Module):
+    """The ``model.`` part of the original checkpoint: embeddings, layers, norm, projector."""
+
+    def __init__(self, cfg: FlexAttnConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = LlamaRMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        # mlp2x_gelu: Linear -> exact (erf) GELU -> Linear
+        self.mm_projector = nn.Sequential(nn.Linear(cfg.mm_hidden_size, cfg.hidden_size),
+                                          nn.GELU(),
+                                          nn.Linear(cfg.hidden_size, cfg.hidden_size))
+
+
+class LlavaFlexAttnForCausalLM(nn.Module):
+    def __init__(self, cfg: FlexAttnConfig, vision_config: CLIPVisionConfig,
+                 vision_tower: CLIPVisionModel | None = None) -> None:
+        super().__init__()
+        self.config = cfg
+        self.vision_config = vision_config
+        self.vision_tower = vision_tower if vision_tower is not None else CLIPVisionModel(
+            vision_config)
+        self.model = LlavaFlexAttnModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = LlamaRotaryEmbedding(cfg.llama_config())  # buffers only, not persistent
+
+    # vision -------------------------------------------------------------------------------------
+    def encode_crops(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[N, 3, 336, 336] normalised crops -> projected features [N, 576, hidden]."""
+        out = self.vision_tower(pixel_values=pixels, output_hidden_states=True)
+        feats = out.hidden_states[self.config.mm_vision_select_layer][:, 1:]  # drop CLS
+        return self.model.mm_projector(feats)
+
+    def stitch(self, tile_feats: torch.Tensor) -> torch.Tensor:
+        """[N, Z*Z, G*G, hidden] per-tile features -> [N, (Z*G)**2, hidden] row-major grid."""
+        cfg = self.config
+        n, _, _, c = tile_feats.shape
+        z, g = cfg.zoom_ratio, cfg.lr_grid
+        x = tile_feats.view(n, z, z, g, g, c).permute(0, 1, 3, 2, 4, 5)  # [N, Zr, Gr, Zc, Gc, C]
+        return x.reshape(n, cfg.hr_tokens, c)
+
+    # decoder ------------------------------------------------------------------------------------
+    def forward_step(self, embeds: torch.Tensor, positions: torch.Tensor, start: int,
+                     sdpa_mask: torch.Tensor, key_valid: torch.Tensor, caches: list[KVCache],
+                     flex: FlexState | None) -> torch.Tensor:
+        """One prefill or decode step.
+
+        embeds: [B, T, hidden] written at cache slots start..start+T-1; positions: [B, T] rotary
+        positions; sdpa_mask: [B, 1, T, start+T] bool; key_valid: [B, start+T] bool.
+        Returns float32 logits of the last position: [B, vocab]."""
+        cos, sin = self.rotary(embeds, positions)
+        if flex is not None:
+            flex.begin_step()
+        h = embeds
+        for layer, cache in zip(self.model.layers, caches):
+            h = layer(h, cos, sin, cache, start, sdpa_mask, key_valid, flex)
+        h = self.model.norm(h[:, -1:])
+        return self.lm_head(h)[:, 0].float()
