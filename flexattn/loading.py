@@ -87,7 +87,13 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"no weights in {directory}: expected *.safetensors or"
                                 " pytorch_model*.bin")
     for f in bins:
-        state.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+        try:
+            part = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:  # legacy (non-zip) serialisation cannot be mapped
+            if "mmap" not in str(exc):
+                raise
+            part = torch.load(f, map_location="cpu", weights_only=True)
+        state.update(part)
     return state
 
 
@@ -151,10 +157,18 @@ def _load_clip(directory: Path, dtype: torch.dtype) -> CLIPVisionModel:
 
 def _clip_from_state(vision_config: CLIPVisionConfig, state: dict[str, torch.Tensor],
                      dtype: torch.dtype) -> CLIPVisionModel:
+    """A CLIP tower from tensors named with or without the ``vision_model.`` prefix (hub
+    checkpoints and transformers 4 use it; transformers 5 saves without)."""
     with torch.device("meta"):
         clip = CLIPVisionModel(vision_config)
-    _assign(clip, {k: v.to(dtype) for k, v in state.items()}, "vision tower")
-    emb = clip.vision_model.embeddings
+    prefixed = any(k.startswith("vision_model.") for k in clip.state_dict())
+    named = {}
+    for k, v in state.items():
+        bare = k[len("vision_model."):] if k.startswith("vision_model.") else k
+        named[("vision_model." + bare) if prefixed else bare] = v.to(dtype)
+    named = {k: v for k, v in named.items() if not k.endswith("position_ids")}
+    _assign(clip, named, "vision tower")
+    emb = getattr(clip, "vision_model", clip).embeddings
     emb.register_buffer("position_ids", torch.arange(emb.num_positions).expand((1, -1)),
                         persistent=False)
     return clip
@@ -302,11 +316,8 @@ def _load_hf(path: Path, dtype: torch.dtype
                 k = new + k[len(old):]
                 break
         renamed[k] = v
-    clip_state = {}
-    for k, v in renamed.items():
-        if k.startswith("vision_tower."):
-            rest = k[len("vision_tower."):]
-            clip_state[rest if rest.startswith("vision_model.") else "vision_model." + rest] = v
+    clip_state = {k[len("vision_tower."):]: v for k, v in renamed.items()
+                  if k.startswith("vision_tower.")}
     lm = {k: v for k, v in renamed.items() if not k.startswith("vision_tower.")}
     for i in cfg.flex_layers:
         for kind in ("k", "v"):

@@ -166,8 +166,13 @@ _CORPUS: tuple[str, ...] = (
 def _added_token(content: str, *, typed: bool) -> dict[str, Any]:
     token: dict[str, Any] = {"__type": "AddedToken"} if typed else {}
     token.update(
-        {"content": content, "lstrip": False, "normalized": False, "rstrip": False,
-         "single_word": False}
+        {
+            "content": content,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+        }
     )
     return token
 
@@ -227,8 +232,15 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _llava_config(
-    *, llm_layers: int, hidden: int, heads: int, kv_heads: int, intermediate: int,
-    vocab_size: int, clip_hidden: int, dtype: torch.dtype,
+    *,
+    llm_layers: int,
+    hidden: int,
+    heads: int,
+    kv_heads: int,
+    intermediate: int,
+    vocab_size: int,
+    clip_hidden: int,
+    dtype: torch.dtype,
 ) -> dict[str, Any]:
     """The original ``llava_llama`` config.json, keys sorted as in the golden file."""
     return {
@@ -303,15 +315,24 @@ def _generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
-def _normal(seed: int, name: str, shape: tuple[int, ...], std: float, mean: float = 0.0) -> torch.Tensor:
+def _normal(
+    seed: int, name: str, shape: tuple[int, ...], std: float, mean: float = 0.0
+) -> torch.Tensor:
     """float32 N(mean, std^2) drawn from the tensor's own generator."""
     t = torch.randn(shape, generator=_generator(seed, name), dtype=torch.float32)
     return t.mul_(std).add_(mean)
 
 
 def _original_llm_tensors(
-    seed: int, *, llm_layers: int, hidden: int, heads: int, kv_heads: int, intermediate: int,
-    vocab_size: int, clip_hidden: int,
+    seed: int,
+    *,
+    llm_layers: int,
+    hidden: int,
+    heads: int,
+    kv_heads: int,
+    intermediate: int,
+    vocab_size: int,
+    clip_hidden: int,
 ) -> dict[str, torch.Tensor]:
     """The original-layout language model + projector, float32, keyed as on disk."""
     if hidden % heads:
@@ -350,8 +371,14 @@ def _original_llm_tensors(
 
 
 def _clip_tensors(
-    seed: int, *, clip_hidden: int, clip_layers: int, clip_intermediate: int,
-    image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE, num_channels: int = 3,
+    seed: int,
+    *,
+    clip_hidden: int,
+    clip_layers: int,
+    clip_intermediate: int,
+    image_size: int = IMAGE_SIZE,
+    patch_size: int = PATCH_SIZE,
+    num_channels: int = 3,
 ) -> dict[str, torch.Tensor]:
     """CLIP vision tower weights, float32, keyed as ``CLIPVisionModel`` (transformers 5) names
     its parameters (no ``vision_model.`` prefix)."""
@@ -373,8 +400,11 @@ def _clip_tensors(
 
     add("embeddings.class_embedding", (h,), 0.5)
     fan_in = num_channels * patch_size * patch_size
-    add("embeddings.patch_embedding.weight", (h, num_channels, patch_size, patch_size),
-        1.0 / math.sqrt(fan_in))
+    add(
+        "embeddings.patch_embedding.weight",
+        (h, num_channels, patch_size, patch_size),
+        1.0 / math.sqrt(fan_in),
+    )
     add("embeddings.position_embedding.weight", (num_positions, h), 0.2)
     layer_norm("pre_layrnorm")
     for i in range(clip_layers):
@@ -389,8 +419,9 @@ def _clip_tensors(
     return t
 
 
-def _clip_config(*, clip_hidden: int, clip_layers: int, clip_heads: int,
-                 clip_intermediate: int) -> Any:
+def _clip_config(
+    *, clip_hidden: int, clip_layers: int, clip_heads: int, clip_intermediate: int
+) -> Any:
     from transformers import CLIPVisionConfig
 
     return CLIPVisionConfig(
@@ -424,8 +455,7 @@ def _load_exact(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> No
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path),
-              metadata={"format": "pt"})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -494,16 +524,27 @@ def train_tiny_tokenizer(out_dir: Path, vocab_size: int = 320) -> Path:
 
 
 def _write_clip_tower(
-    out_dir: Path, *, seed: int, clip_hidden: int, clip_layers: int, clip_heads: int,
-    clip_intermediate: int, dtype: torch.dtype,
+    out_dir: Path,
+    *,
+    seed: int,
+    clip_hidden: int,
+    clip_layers: int,
+    clip_heads: int,
+    clip_intermediate: int,
+    dtype: torch.dtype,
 ) -> None:
     """Write a ``CLIPVisionModel`` directory like the golden tower."""
     from transformers import CLIPVisionModel
 
-    config = _clip_config(clip_hidden=clip_hidden, clip_layers=clip_layers,
-                          clip_heads=clip_heads, clip_intermediate=clip_intermediate)
-    tensors = _clip_tensors(seed, clip_hidden=clip_hidden, clip_layers=clip_layers,
-                            clip_intermediate=clip_intermediate)
+    config = _clip_config(
+        clip_hidden=clip_hidden,
+        clip_layers=clip_layers,
+        clip_heads=clip_heads,
+        clip_intermediate=clip_intermediate,
+    )
+    tensors = _clip_tensors(
+        seed, clip_hidden=clip_hidden, clip_layers=clip_layers, clip_intermediate=clip_intermediate
+    )
     model = _build_module(lambda: CLIPVisionModel(config))
     _load_exact(model, tensors)
     model.to(dtype)
@@ -514,8 +555,10 @@ def _write_clip_tower(
     # weights file in that layout, byte-deterministically.
     for stale in out_dir.glob("model*.safetensors*"):
         stale.unlink()
-    _save_safetensors({"vision_model." + k: v.to(dtype) for k, v in tensors.items()},
-                      out_dir / "model.safetensors")
+    _save_safetensors(
+        {"vision_model." + k: v.to(dtype) for k, v in tensors.items()},
+        out_dir / "model.safetensors",
+    )
     _write_json(out_dir / "preprocessor_config.json", _clip_preprocessor_config())
 
 
@@ -555,24 +598,49 @@ def build_tiny_original(
     out_root = Path(out_root)
     clip_dir = out_root / CLIP_DIR_NAME
     llava_dir = out_root / LLAVA_DIR_NAME
-    _write_clip_tower(clip_dir, seed=seed, clip_hidden=clip_hidden, clip_layers=clip_layers,
-                      clip_heads=clip_heads, clip_intermediate=clip_intermediate, dtype=dtype)
+    _write_clip_tower(
+        clip_dir,
+        seed=seed,
+        clip_hidden=clip_hidden,
+        clip_layers=clip_layers,
+        clip_heads=clip_heads,
+        clip_intermediate=clip_intermediate,
+        dtype=dtype,
+    )
 
     llava_dir.mkdir(parents=True, exist_ok=True)
     train_tiny_tokenizer(llava_dir, vocab_size=vocab_size)
     tensors = _original_llm_tensors(
-        seed, llm_layers=llm_layers, hidden=hidden, heads=heads, kv_heads=kv_heads,
-        intermediate=intermediate, vocab_size=vocab_size, clip_hidden=clip_hidden,
+        seed,
+        llm_layers=llm_layers,
+        hidden=hidden,
+        heads=heads,
+        kv_heads=kv_heads,
+        intermediate=intermediate,
+        vocab_size=vocab_size,
+        clip_hidden=clip_hidden,
     )
-    _save_safetensors({k: v.to(dtype) for k, v in tensors.items()},
-                      llava_dir / "model.safetensors")
-    _write_json(llava_dir / "config.json", _llava_config(
-        llm_layers=llm_layers, hidden=hidden, heads=heads, kv_heads=kv_heads,
-        intermediate=intermediate, vocab_size=vocab_size, clip_hidden=clip_hidden, dtype=dtype,
-    ))
+    _save_safetensors({k: v.to(dtype) for k, v in tensors.items()}, llava_dir / "model.safetensors")
+    _write_json(
+        llava_dir / "config.json",
+        _llava_config(
+            llm_layers=llm_layers,
+            hidden=hidden,
+            heads=heads,
+            kv_heads=kv_heads,
+            intermediate=intermediate,
+            vocab_size=vocab_size,
+            clip_hidden=clip_hidden,
+            dtype=dtype,
+        ),
+    )
     _write_json(llava_dir / "generation_config.json", _generation_config())
-    logger.info("built tiny original-layout LLaVA-FlexAttn (seed %d, %d layers) at %s",
-                seed, llm_layers, llava_dir)
+    logger.info(
+        "built tiny original-layout LLaVA-FlexAttn (seed %d, %d layers) at %s",
+        seed,
+        llm_layers,
+        llava_dir,
+    )
     return llava_dir
 
 
@@ -581,8 +649,9 @@ def build_tiny_original(
 # --------------------------------------------------------------------------------------------
 
 
-def _read_original(source: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor],
-                                          Path, dict[str, torch.Tensor]]:
+def _read_original(
+    source: Path,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path, dict[str, torch.Tensor]]:
     """Config, LLM tensors, tower dir and tower tensors (unprefixed) of an original checkpoint."""
     from safetensors.torch import load_file
 
@@ -592,8 +661,10 @@ def _read_original(source: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor
     tower = Path(config["mm_vision_tower"])
     if not tower.is_absolute():
         tower = (source / tower).resolve()
-    clip = {k.removeprefix("vision_model."): v
-            for k, v in load_file(str(tower / "model.safetensors")).items()}
+    clip = {
+        k.removeprefix("vision_model."): v
+        for k, v in load_file(str(tower / "model.safetensors")).items()
+    }
     return config, llm, tower, clip
 
 
@@ -657,11 +728,21 @@ def build_tiny_hf(
         logger.info("converting %s (tower %s) to the Hugging Face LLaVA layout", source, tower_dir)
     else:
         llm = _original_llm_tensors(
-            seed, llm_layers=llm_layers, hidden=hidden, heads=heads, kv_heads=kv_heads,
-            intermediate=intermediate, vocab_size=vocab_size, clip_hidden=clip_hidden,
+            seed,
+            llm_layers=llm_layers,
+            hidden=hidden,
+            heads=heads,
+            kv_heads=kv_heads,
+            intermediate=intermediate,
+            vocab_size=vocab_size,
+            clip_hidden=clip_hidden,
         )
-        clip = _clip_tensors(seed, clip_hidden=clip_hidden, clip_layers=clip_layers,
-                             clip_intermediate=clip_intermediate)
+        clip = _clip_tensors(
+            seed,
+            clip_hidden=clip_hidden,
+            clip_layers=clip_layers,
+            clip_intermediate=clip_intermediate,
+        )
         rms_norm_eps, rope_theta, max_positions = 1e-5, 10000.0, 4096
 
     image_token_id = vocab_size
@@ -681,8 +762,12 @@ def build_tiny_hf(
         eos_token_id=2,
         pad_token_id=0,
     )
-    vision_config = _clip_config(clip_hidden=clip_hidden, clip_layers=clip_layers,
-                                 clip_heads=clip_heads, clip_intermediate=clip_intermediate)
+    vision_config = _clip_config(
+        clip_hidden=clip_hidden,
+        clip_layers=clip_layers,
+        clip_heads=clip_heads,
+        clip_intermediate=clip_intermediate,
+    )
     llava_config = LlavaConfig(
         vision_config=vision_config,
         text_config=text_config,
@@ -714,9 +799,11 @@ def build_tiny_hf(
     head = state["lm_head.weight"]
     # Same scales as the rows of the original embedding and lm_head.
     state["model.language_model.embed_tokens.weight"] = torch.cat(
-        [embed, _normal(seed, "hf/image_token/embed_tokens", (1, hidden), 1.0)])
+        [embed, _normal(seed, "hf/image_token/embed_tokens", (1, hidden), 1.0)]
+    )
     state["lm_head.weight"] = torch.cat(
-        [head, _normal(seed, "hf/image_token/lm_head", (1, hidden), 1.0 / math.sqrt(hidden))])
+        [head, _normal(seed, "hf/image_token/lm_head", (1, hidden), 1.0 / math.sqrt(hidden))]
+    )
     for key, value in clip.items():
         state["model.vision_tower." + key] = value
 
@@ -741,22 +828,29 @@ def build_tiny_hf(
     special = _special_tokens_map()
     special["additional_special_tokens"] = [IMAGE_TOKEN]
     _write_json(out_dir / "special_tokens_map.json", dict(sorted(special.items())))
-    _write_json(out_dir / "preprocessor_config.json", {
-        "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        "do_center_crop": True,
-        "do_convert_rgb": True,
-        "do_normalize": True,
-        "do_rescale": True,
-        "do_resize": True,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_processor_type": "CLIPImageProcessor",
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "resample": 3,
-        "rescale_factor": 0.00392156862745098,
-        "size": {"shortest_edge": IMAGE_SIZE},
-    })
-    logger.info("built tiny Hugging Face LLaVA (%d layers, vocab %d + <image>) at %s",
-                llm_layers, vocab_size, out_dir)
+    _write_json(
+        out_dir / "preprocessor_config.json",
+        {
+            "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+            "do_center_crop": True,
+            "do_convert_rgb": True,
+            "do_normalize": True,
+            "do_rescale": True,
+            "do_resize": True,
+            "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_processor_type": "CLIPImageProcessor",
+            "image_std": [0.26862954, 0.26130258, 0.27577711],
+            "resample": 3,
+            "rescale_factor": 0.00392156862745098,
+            "size": {"shortest_edge": IMAGE_SIZE},
+        },
+    )
+    logger.info(
+        "built tiny Hugging Face LLaVA (%d layers, vocab %d + <image>) at %s",
+        llm_layers,
+        vocab_size,
+        out_dir,
+    )
     return out_dir
 
 
@@ -771,8 +865,10 @@ def _default_home() -> Path:
 
 
 def _is_complete(llava_dir: Path) -> bool:
-    return all((llava_dir / name).is_file()
-               for name in ("config.json", "model.safetensors", "tokenizer.model"))
+    return all(
+        (llava_dir / name).is_file()
+        for name in ("config.json", "model.safetensors", "tokenizer.model")
+    )
 
 
 def demo_model_path(root: Path | None = None) -> Path:
@@ -795,23 +891,31 @@ def demo_model_path(root: Path | None = None) -> Path:
 
     root.mkdir(parents=True, exist_ok=True)
     if target.exists():
-        # Not something this function leaves behind (it renames complete builds only):
-        # move it aside atomically so that a fresh build can take its place.
+        # Complete builds appear all at once (rename), so a target that exists now and is
+        # complete was just renamed into place by another process.
+        if _is_complete(llava_dir):
+            return llava_dir
+        # Incomplete: not something this function leaves behind. Move it aside atomically so
+        # that a fresh build can take its place.
         aside = Path(tempfile.mkdtemp(prefix=f".{DEMO_DIR_NAME}.broken-", dir=root))
         try:
             os.rename(target, aside / DEMO_DIR_NAME)
-            logger.warning("moved incomplete demo model %s aside to %s", target, aside)
+            logger.warning("moved incomplete demo model directory %s aside", target)
         except OSError:
             pass  # another process moved or replaced it first
-        if _is_complete(llava_dir):
+        finally:
             shutil.rmtree(aside, ignore_errors=True)
+        if _is_complete(llava_dir):
             return llava_dir
-        shutil.rmtree(aside, ignore_errors=True)
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{DEMO_DIR_NAME}.tmp-", dir=root))
     try:
         logger.info("building the tiny demo model under %s", target)
         build_tiny_original(tmp, seed=0)
+        # mkdtemp makes a 0700 directory and safetensors writes 0600 files: let other users of
+        # a shared cache read the model.
+        for path in (tmp, *tmp.rglob("*")):
+            path.chmod(0o755 if path.is_dir() else 0o644)
         try:
             os.rename(tmp, target)  # atomic; fails if another process got there first
         except OSError:

@@ -1,0 +1,105 @@
+"""``flexattn`` command line: ``generate`` one answer, ``convert`` a checkpoint to the own layout."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .config import MODES
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from . import llava_v1_prompt, load_model
+
+    overrides = {}
+    if args.threshold is not None:
+        overrides["threshold"] = args.threshold
+    model = load_model(args.model, vision_tower=args.vision_tower, device=args.device,
+                       dtype=args.dtype, mode=args.mode, **overrides)
+    try:
+        image = Image.open(args.image)
+        image.load()
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--image: cannot read {args.image}: {exc}") from exc
+    prompt = args.prompt if "<image>" in args.prompt else llava_v1_prompt(args.prompt)
+    [out] = model.generate([image], [prompt], max_new_tokens=args.max_new_tokens,
+                           do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
+                           top_p=args.top_p, seed=args.seed)
+    stats = {
+        "model": model.model_id, "mode": args.mode, "image_size": list(image.size),
+        "prompt_tokens": out.prompt_tokens, "generated_tokens": out.generated_tokens,
+        "hr_selected_per_layer": out.hr_selected_per_layer,
+        "hr_selected_frac": round(out.hr_selected_frac, 4),
+        "hr_cells_selected": sum(out.hr_cells), "prefill_ms": round(out.prefill_ms, 1),
+        "decode_ms": round(out.decode_ms, 1), "finish_reason": out.finish_reason}
+    if args.json:
+        print(json.dumps({"answer": out.text, "token_ids": out.token_ids, **stats}))
+        return 0
+    print(out.text)
+    print()
+    layers = model.config.flex_layers
+    print(f"prompt tokens {out.prompt_tokens}, generated {out.generated_tokens}"
+          f" ({out.finish_reason}); prefill {out.prefill_ms:.1f} ms, decode {out.decode_ms:.1f} ms")
+    if args.mode == "flexattn":
+        print(f"high-res tokens selected at prefill, layers {layers[0]}-{layers[-1]}:"
+              f" {out.hr_selected_per_layer}")
+        print(f"mean selected fraction {out.hr_selected_frac:.3f};"
+              f" 9x9 cells used {sum(out.hr_cells)}/81")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .loading import convert
+
+    out = convert(args.src, args.dst, vision_tower=args.vision_tower, dtype=args.dtype)
+    print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flexattn", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="answer one prompt about one image")
+    g.add_argument("--model", required=True, help="checkpoint directory (any layout)")
+    g.add_argument("--vision-tower", help="CLIP tower directory (overrides mm_vision_tower)")
+    g.add_argument("--image", required=True, help="image file")
+    g.add_argument("--prompt", required=True,
+                   help="question, or a full prompt holding <image>")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--mode", choices=MODES, default="flexattn")
+    g.add_argument("--threshold", type=float, help="selection threshold (0-255)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    g.set_defaults(func=_generate)
+    c = sub.add_parser("convert", help="write a checkpoint in the own safetensors layout")
+    c.add_argument("src", help="checkpoint directory (original, HF or own layout)")
+    c.add_argument("dst", help="output directory")
+    c.add_argument("--vision-tower", help="CLIP tower directory for the original layout")
+    c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float16")
+    c.set_defaults(func=_convert)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"flexattn {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
