@@ -45,6 +45,9 @@ class FlexAttnConfig:
     zoom_ratio: int = 3
     pool_grid: int = 9  # 3 * zoom_ratio cells per side
     mode: str = "flexattn"
+    # cost switches (outputs are the same either way, up to float rounding)
+    lazy_tiles: bool = True  # encode a 336 tile only when one of its cells is first selected
+    hr_kv_reuse: bool = True  # project each high-res block once per image and layer
     extra: dict[str, Any] = field(default_factory=dict)  # anything else from the checkpoint
 
     def __post_init__(self) -> None:
@@ -82,6 +85,9 @@ class FlexAttnConfig:
         if self.hr_grid % self.pool_grid:
             raise ValueError(f"pool_grid ({self.pool_grid}) must divide the high-res grid"
                              f" ({self.hr_grid})")
+        if self.pool_grid % self.zoom_ratio:
+            raise ValueError(f"pool_grid ({self.pool_grid}) must be a multiple of zoom_ratio"
+                             f" ({self.zoom_ratio}) so that cells do not straddle tiles")
         if self.mm_projector_type != "mlp2x_gelu":
             raise ValueError(f"unsupported mm_projector_type {self.mm_projector_type!r}"
                              " (only mlp2x_gelu is implemented)")

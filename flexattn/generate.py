@@ -35,6 +35,8 @@ class Generation:
     prefill_ms: float  # vision encoding + prefill of the batch this input was in
     decode_ms: float  # decoding until this input finished
     finish_reason: str = "length"  # "eos" or "length"
+    tiles_encoded: int = 0  # 336 tiles of the 1008 view that went through CLIP (of Z*Z)
+    hr_blocks_projected: int = 0  # 8x8 blocks put through k_proj_hd/v_proj_hd, all layers
     logits: torch.Tensor | None = None  # [n_new, vocab] float32, when asked
     selection_map: list[float] | None = None  # layer s's map at the last step (576 values)
     trace: dict[str, torch.Tensor] | None = field(default=None, repr=False)
@@ -72,6 +74,12 @@ class LlavaFlexAttn:
         return self.module.lm_head.weight.dtype
 
     # --------------------------------------------------------------------------------------------
+    def _pixels(self, images: list[Image.Image]) -> torch.Tensor:
+        """PIL images -> normalised padded squares [N, 3, 1008, 1008] float32 on the device."""
+        cfg = self.config
+        squares = [prepare_image(im, cfg.highres_size, cfg.image_mean)[0] for im in images]
+        return normalise(squares, cfg.image_mean, cfg.image_std, self.device)
+
     @torch.inference_mode()
     def encode_images(self, images: list[Image.Image], with_hr: bool
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -80,8 +88,7 @@ class LlavaFlexAttn:
         All crops of the batch (low-res views and, with ``with_hr``, the 3x3 tiles) go through
         CLIP in one call."""
         cfg = self.config
-        squares = [prepare_image(im, cfg.highres_size, cfg.image_mean)[0] for im in images]
-        hr = normalise(squares, cfg.image_mean, cfg.image_std, self.device)  # [N, 3, 1008, 1008]
+        hr = self._pixels(images)
         lr = lowres_view(hr, cfg.lowres_size)  # [N, 3, 336, 336]
         n = len(images)
         crops = torch.cat([lr, tiles(hr, cfg.lowres_size)]) if with_hr else lr
@@ -144,12 +151,22 @@ class LlavaFlexAttn:
         t0 = _now(device)
         # 1. vision ---------------------------------------------------------------------------
         with_img = [i for i in range(b) if images[i] is not None]
-        want_hr = mode in ("flexattn", "fullres")
+        lazy = mode == "flexattn" and cfg.lazy_tiles
+        want_hr = mode == "fullres" or (mode == "flexattn" and not lazy)
         hidden = cfg.hidden_size
         f_lr = torch.zeros(b, cfg.lr_tokens, hidden, device=device, dtype=dtype)
-        f_hr = torch.zeros(b, cfg.hr_tokens, hidden, device=device, dtype=dtype) if want_hr \
-            else None
-        if with_img:
+        f_hr = torch.zeros(b, cfg.hr_tokens, hidden, device=device, dtype=dtype) \
+            if mode != "lowres" else None
+        tile_pixels = None
+        if with_img and lazy:
+            hr = self._pixels([images[i] for i in with_img])
+            f_lr[with_img] = self.module.encode_crops(
+                lowres_view(hr, cfg.lowres_size).to(dtype))
+            t = cfg.lowres_size
+            tile_pixels = torch.zeros(b, cfg.zoom_ratio ** 2, 3, t, t, device=device, dtype=dtype)
+            tile_pixels[with_img] = tiles(hr, t).view(len(with_img), -1, 3, t, t).to(dtype)
+            del hr
+        elif with_img:
             lr_i, hr_i = self.encode_images([images[i] for i in with_img], want_hr)
             f_lr[with_img] = lr_i
             if want_hr:
@@ -195,7 +212,8 @@ class LlavaFlexAttn:
                 cfg=cfg, image_slot=image_slot, has_image=has_image, keep=keep,
                 hr_blocks=to_blocks(f_hr, cfg.hr_grid, cfg.pool_grid),
                 hr_cos=to_blocks(hr_cos, cfg.hr_grid, cfg.pool_grid),
-                hr_sin=to_blocks(hr_sin, cfg.hr_grid, cfg.pool_grid), trace=return_trace)
+                hr_sin=to_blocks(hr_sin, cfg.hr_grid, cfg.pool_grid), trace=return_trace,
+                tile_pixels=tile_pixels, encode_tiles=self.module.encode_crops)
         caches = [KVCache.empty(cfg, b, s_max, device, dtype) for _ in range(cfg.num_hidden_layers)]
 
         # 3. prefill --------------------------------------------------------------------------
@@ -264,6 +282,12 @@ class LlavaFlexAttn:
 
         results = []
         frac = (sel_sum / sel_steps.clamp(min=1)).tolist()
+        projected = flex.blocks_projected.tolist() if flex is not None else [0] * b
+        if flex is not None and flex.tile_done is not None:
+            tiles_per_sample = flex.tile_done.sum(1).tolist()
+        else:
+            full = cfg.zoom_ratio ** 2 if mode != "lowres" else 0
+            tiles_per_sample = [full if im is not None else 0 for im in images]
         for i in range(b):
             has = images[i] is not None and flex is not None
             trace = None
@@ -280,9 +304,9 @@ class LlavaFlexAttn:
                 logits=torch.stack(chosen_logits[i]) if return_logits else None,
                 selection_map=last_map[i].float().cpu().tolist() if has and last_map is not None
                 else None,
+                tiles_encoded=tiles_per_sample[i],
+                hr_blocks_projected=projected[i],
                 trace=trace))
-        if flex is not None:
-            log.debug("batch of %d: %d high-res blocks projected", b, flex.hr_kv_blocks_projected)
         return results
 
     @staticmethod

@@ -136,3 +136,32 @@ def test_bad_generate_arguments(golden_model, kwargs, message):
     args.update(kwargs)
     with pytest.raises((ValueError, TypeError), match=message):
         golden_model.generate(**args)
+
+
+def test_lazy_tiles_and_kv_reuse_do_not_change_outputs():
+    from flexattn import load_model
+
+    from .conftest import GOLDEN_MODEL
+
+    images, prompts = mixed_inputs()
+    kw = dict(max_new_tokens=8, return_logits=True, return_trace=True)
+    variants = {}
+    for lazy in (True, False):
+        for reuse in (True, False):
+            m = load_model(GOLDEN_MODEL, device="cpu", lazy_tiles=lazy, hr_kv_reuse=reuse)
+            variants[lazy, reuse] = m.generate(images, prompts, **kw)
+    base = variants[False, False]  # eager tiles, projections recomputed at every step
+    for key, outs in variants.items():
+        for a, b in zip(base, outs):
+            assert a.token_ids == b.token_ids, key
+            assert torch.equal(a.trace["block_masks"], b.trace["block_masks"]), key
+            torch.testing.assert_close(a.logits, b.logits, atol=1e-4, rtol=0)
+    for a, b in zip(variants[True, False], variants[True, True]):
+        assert b.hr_blocks_projected < a.hr_blocks_projected  # reuse projects each block once
+        # with reuse: each (layer, block) at most once
+        assert b.hr_blocks_projected <= 3 * 81
+    assert all(o.tiles_encoded == 9 for o in variants[False, True])
+    lazy = variants[True, True]
+    for o in lazy:  # exactly the tiles holding a used cell were encoded
+        cells = o.trace["block_masks"][:, :3].any(0).any(0).view(3, 3, 3, 3)
+        assert o.tiles_encoded == int(cells.any(3).any(1).sum())
