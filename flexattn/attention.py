@@ -59,9 +59,8 @@ class FlexState:
     trace: bool = False
     # mask produced by the previous layer for the current one: [B, P*P] bool
     block_mask: torch.Tensor | None = None
-    # lazily filled high-res key/value cache per FlexAttention layer: [B, Hkv, P*P, s*s, D]
+    # lazily filled high-res key cache per FlexAttention layer: [B, Hkv, P*P, s*s, D]
     hr_k: dict[int, torch.Tensor] = field(default_factory=dict)
-    hr_v: dict[int, torch.Tensor] = field(default_factory=dict)
     computed: dict[int, torch.Tensor] = field(default_factory=dict)  # [B, P*P] bool
     # per step, per FlexAttention layer: blocks used -> filled by the layers
     step_used: list[torch.Tensor] = field(default_factory=list)
@@ -132,59 +131,69 @@ class FlexState:
             self.step_maps.append(amap)
             self.step_masks.append(mask)
 
-    def hr_kv(self, layer_idx: int, attn: HierarchicalAttention
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keys, values and validity of the selected high-res tokens for ``layer_idx``.
+    def hr_keys(self, layer_idx: int, attn: HierarchicalAttention
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys and features of the selected high-res tokens for ``layer_idx``.
 
-        Returns k, v: [B, Hkv, N, D] and valid: [B, N] bool, N = 64 * (most blocks selected by
-        one sample). Blocks selected for the first time are projected (k_proj_hd / v_proj_hd plus
-        the interpolated rotary embedding for keys) and cached for later steps."""
+        Returns k: [B, Hkv, N, D] (rotary applied), feats: [B, N, hidden] and valid: [B, N]
+        bool, N = 64 * (most blocks selected by one sample). Values are not projected here:
+        sum_t p_t (W_V' f_t) = W_V' (sum_t p_t f_t), so the caller mixes the features first.
+        Keys of blocks selected for the first time are projected (``k_proj_hd`` plus the
+        interpolated rotary embedding) and cached for later steps of the same image."""
         cfg = self.cfg
         mask = self.block_mask
         assert mask is not None and self.hr_blocks is not None
         b, nblk = mask.shape
         tok = cfg.block_size ** 2
         hkv, d = cfg.num_key_value_heads, cfg.head_dim
-        if layer_idx not in self.hr_k:
-            shape = (b, hkv, nblk, tok, d)
-            dtype = self.hr_blocks.dtype
-            self.hr_k[layer_idx] = torch.zeros(shape, device=mask.device, dtype=dtype)
-            self.hr_v[layer_idx] = torch.zeros(shape, device=mask.device, dtype=dtype)
-            self.computed[layer_idx] = torch.zeros(b, nblk, dtype=torch.bool, device=mask.device)
-        hr_k, hr_v, done = self.hr_k[layer_idx], self.hr_v[layer_idx], self.computed[layer_idx]
-        # without reuse every selected block is projected again at every step, as the
-        # published code does; kept as the "before" of the benchmark
-        need = mask & ~done if cfg.hr_kv_reuse else mask
-        if need.any():
-            self.ensure_tiles(need)
-            bi, ki = need.nonzero(as_tuple=True)
-            x = self.hr_blocks[bi, ki]  # [n, 64, hidden]
-            k = attn.k_proj_hd(x).view(-1, tok, hkv, d)
-            v = attn.v_proj_hd(x).view(-1, tok, hkv, d)
-            cos = self.hr_cos[bi, ki].unsqueeze(2)  # [n, 64, 1, D]
-            sin = self.hr_sin[bi, ki].unsqueeze(2)
-            kf = k.float()
-            k = (kf * cos + rotate_half(kf) * sin).to(hr_k.dtype)
-            hr_k[bi, :, ki] = k.transpose(1, 2)  # [n, Hkv, 64, D]
-            hr_v[bi, :, ki] = v.transpose(1, 2).to(hr_v.dtype)
-            done |= need
-            self.blocks_projected += torch.bincount(bi, minlength=b)
+        if cfg.hr_kv_reuse:
+            if layer_idx not in self.hr_k:
+                self.hr_k[layer_idx] = torch.zeros(b, hkv, nblk, tok, d, device=mask.device,
+                                                   dtype=self.hr_blocks.dtype)
+                self.computed[layer_idx] = torch.zeros(b, nblk, dtype=torch.bool,
+                                                       device=mask.device)
+            hr_k, done = self.hr_k[layer_idx], self.computed[layer_idx]
+            need = mask & ~done
+            if need.any():
+                self.ensure_tiles(need)
+                bi, ki = need.nonzero(as_tuple=True)
+                hr_k[bi, :, ki] = self._project_keys(attn, self.hr_blocks[bi, ki], bi, ki)
+                done |= need
+                self.blocks_projected += torch.bincount(bi, minlength=b)
+        else:
+            self.ensure_tiles(mask)
         self.step_used.append(mask)
         counts = mask.sum(1)
         kmax = int(counts.max())
         if kmax == 0:
-            empty = hr_k.new_zeros(b, hkv, 0, d)
-            return empty, empty, torch.zeros(b, 0, dtype=torch.bool, device=mask.device)
+            return (self.hr_blocks.new_zeros(b, hkv, 0, d),
+                    self.hr_blocks.new_zeros(b, 0, cfg.hidden_size),
+                    torch.zeros(b, 0, dtype=torch.bool, device=mask.device))
         # selected block ids first (stable sort keeps block order), padded with unselected ones
         order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :kmax]
-        valid_blk = torch.arange(kmax, device=mask.device).view(1, -1) < counts.view(-1, 1)
+        valid = (torch.arange(kmax, device=mask.device).view(1, -1) < counts.view(-1, 1))
         bidx = torch.arange(b, device=mask.device).view(-1, 1)
-        k_sel = hr_k[bidx, :, order]  # [B, kmax, Hkv, 64, D]
-        v_sel = hr_v[bidx, :, order]
+        blocks = self.hr_blocks[bidx, order]  # [B, kmax, 64, hidden]
+        if cfg.hr_kv_reuse:
+            k_sel = self.hr_k[layer_idx][bidx, :, order]  # [B, kmax, Hkv, 64, D]
+        else:  # the published code's way: project every selected token again at every step
+            k_sel = self._project_keys(attn, blocks.reshape(b * kmax, tok, -1),
+                                       bidx.expand(b, kmax).reshape(-1), order.reshape(-1))
+            k_sel = k_sel.view(b, kmax, hkv, tok, d)
+            self.blocks_projected += counts
         k_sel = k_sel.permute(0, 2, 1, 3, 4).reshape(b, hkv, kmax * tok, d)
-        v_sel = v_sel.permute(0, 2, 1, 3, 4).reshape(b, hkv, kmax * tok, d)
-        valid = valid_blk.repeat_interleave(tok, dim=1)
-        return k_sel, v_sel, valid
+        return k_sel, blocks.reshape(b, kmax * tok, -1), valid.repeat_interleave(tok, dim=1)
+
+    def _project_keys(self, attn: HierarchicalAttention, x: torch.Tensor, bi: torch.Tensor,
+                      ki: torch.Tensor) -> torch.Tensor:
+        """x: [n, 64, hidden] block features of (sample bi, block ki) -> keys [n, Hkv, 64, D]."""
+        cfg = self.cfg
+        tok, hkv, d = x.shape[1], cfg.num_key_value_heads, cfg.head_dim
+        k = attn.k_proj_hd(x).view(-1, tok, hkv, d).float()
+        cos = self.hr_cos[bi, ki].unsqueeze(2)  # [n, 64, 1, D]
+        sin = self.hr_sin[bi, ki].unsqueeze(2)
+        k = k * cos + rotate_half(k) * sin
+        return k.transpose(1, 2).to(x.dtype)
 
 
 class HierarchicalAttention(nn.Module):
@@ -207,9 +216,10 @@ class HierarchicalAttention(nn.Module):
             self.v_proj_hd = nn.Linear(cfg.hidden_size, hkv * d, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-                start: int, sdpa_mask: torch.Tensor, key_valid: torch.Tensor,
+                start: int, sdpa_mask: torch.Tensor | None, key_valid: torch.Tensor,
                 flex: FlexState | None) -> torch.Tensor:
-        # x: [B, T, hidden]; cos, sin: [B, T, D]; sdpa_mask: [B, 1, T, S] bool (True = attend)
+        # x: [B, T, hidden]; cos, sin: [B, T, D]; sdpa_mask: [B, 1, T, S] bool (True = attend),
+        # or None when no sample is padded (plain causal, which lets SDPA skip masked blocks)
         # key_valid: [B, S] bool; S = start + T
         b, t, _ = x.shape
         h, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
@@ -222,15 +232,20 @@ class HierarchicalAttention(nn.Module):
         cache.v[:, :, start:s] = v
         keys, values = cache.k[:, :, :s], cache.v[:, :, :s]  # [B, Hkv, S, D]
         gqa = h != hkv
+        causal = sdpa_mask is None and t > 1
+        if causal and start:
+            raise ValueError("an unmasked multi-token step must start at slot 0")
         if flex is None or not self.selects:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=sdpa_mask,
-                                                 enable_gqa=gqa)
+                                                 is_causal=causal, enable_gqa=gqa)
         else:
             last = self._last_row(q[:, :, -1:], keys, values, key_valid, flex)  # [B, H, 1, D]
             if t > 1:
-                rest = F.scaled_dot_product_attention(q[:, :, :-1], keys, values,
-                                                      attn_mask=sdpa_mask[:, :, :-1],
-                                                      enable_gqa=gqa)
+                # query i of the first T-1 rows sees keys 0..i (top-left causal alignment)
+                rest = F.scaled_dot_product_attention(
+                    q[:, :, :-1], keys, values,
+                    attn_mask=None if causal else sdpa_mask[:, :, :-1], is_causal=causal,
+                    enable_gqa=gqa)
                 out = torch.cat([rest, last.to(rest.dtype)], dim=2)
             else:
                 out = last.to(q.dtype)
@@ -251,17 +266,25 @@ class HierarchicalAttention(nn.Module):
         probs_seq = torch.softmax(scores, dim=-1)
         hr = None
         if self.is_flex and flex.use_hr and flex.block_mask is not None:
-            hr = flex.hr_kv(self.layer_idx, self)
+            hr = flex.hr_keys(self.layer_idx, self)
         # selection for the next layer, from the sequence-only softmax summed over heads
         flex.update_selection(self.layer_idx, probs_seq.sum(dim=(1, 2)))
         if hr is None or hr[0].shape[2] == 0:
             out = torch.einsum("bgrs,bgsd->bgrd", probs_seq, values.float())
             return out.reshape(b, h, 1, d)
-        k_hr, v_hr, valid = hr  # [B, Hkv, N, D], [B, N]
+        k_hr, feats, valid = hr  # [B, Hkv, N, D], [B, N, hidden], [B, N]
         s_hr = torch.einsum("bgrd,bgnd->bgrn", qf, k_hr.float()) * scale
         s_hr = s_hr.masked_fill(~valid.view(b, 1, 1, -1), float("-inf"))
         probs = torch.softmax(torch.cat([scores, s_hr], dim=-1), dim=-1)
         n_seq = scores.shape[-1]
-        out = (torch.einsum("bgrs,bgsd->bgrd", probs[..., :n_seq], values.float())
-               + torch.einsum("bgrn,bgnd->bgrd", probs[..., n_seq:], v_hr.float()))
+        out = torch.einsum("bgrs,bgsd->bgrd", probs[..., :n_seq], values.float())
+        p_hr = probs[..., n_seq:]  # [B, Hkv, rep, N]
+        w_v = self.v_proj_hd.weight.float().view(hkv, d, -1)  # [Hkv, D, hidden]
+        if self.cfg.hr_kv_reuse:
+            # values without projecting tokens: W_V' (sum_t p_t f_t), per query head
+            mix = torch.einsum("bgrn,bnc->bgrc", p_hr, feats.float())  # [B, Hkv, rep, hidden]
+            out = out + torch.einsum("bgrc,gdc->bgrd", mix, w_v)
+        else:  # the published code's way: project every selected token's value
+            v_hr = torch.einsum("bnc,gdc->bgnd", feats.float(), w_v)
+            out = out + torch.einsum("bgrn,bgnd->bgrd", p_hr, v_hr)
         return out.reshape(b, h, 1, d)

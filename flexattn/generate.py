@@ -65,6 +65,10 @@ class LlavaFlexAttn:
     def config(self) -> FlexAttnConfig:
         return self.module.config
 
+    def configure(self, **changes) -> None:
+        """Change config fields by name (validated), e.g. ``threshold=255``, ``lazy_tiles=False``."""
+        self.module.config = self.module.config.replace(**changes)
+
     @property
     def device(self) -> torch.device:
         return self.module.lm_head.weight.device
@@ -217,9 +221,12 @@ class LlavaFlexAttn:
         caches = [KVCache.empty(cfg, b, s_max, device, dtype) for _ in range(cfg.num_hidden_layers)]
 
         # 3. prefill --------------------------------------------------------------------------
-        causal = torch.ones(t_max, t_max, dtype=torch.bool, device=device).tril()
-        eye = torch.eye(t_max, dtype=torch.bool, device=device)
-        sdpa_mask = (causal & (key_valid[:, None, :t_max] | eye)).unsqueeze(1)  # [B,1,T,T]
+        padded = len(set(lengths)) > 1
+        sdpa_mask = None  # no padding: plain causal attention
+        if padded:
+            causal = torch.ones(t_max, t_max, dtype=torch.bool, device=device).tril()
+            eye = torch.eye(t_max, dtype=torch.bool, device=device)
+            sdpa_mask = (causal & (key_valid[:, None, :t_max] | eye)).unsqueeze(1)  # [B,1,T,T]
         logits = self.module.forward_step(embeds, positions, 0, sdpa_mask, key_valid[:, :t_max],
                                           caches, flex)
         t1 = _now(device)
@@ -275,8 +282,8 @@ class LlavaFlexAttn:
             slot = t_max + step
             key_valid[:, slot] = True
             emb = embed(torch.where(done, cfg.pad_token_id, nxt)).unsqueeze(1)  # [B, 1, hidden]
-            logits = self.module.forward_step(emb, pos_next.view(-1, 1), slot,
-                                              key_valid[:, None, None, :slot + 1],
+            step_mask = key_valid[:, None, None, :slot + 1] if padded else None
+            logits = self.module.forward_step(emb, pos_next.view(-1, 1), slot, step_mask,
                                               key_valid[:, :slot + 1], caches, flex)
             pos_next = pos_next + 1
 

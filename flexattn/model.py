@@ -24,7 +24,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = LlamaRMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
-                start: int, sdpa_mask: torch.Tensor, key_valid: torch.Tensor,
+                start: int, sdpa_mask: torch.Tensor | None, key_valid: torch.Tensor,
                 flex: FlexState | None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, sdpa_mask,
                                key_valid, flex)
@@ -74,12 +74,13 @@ class LlavaFlexAttnForCausalLM(nn.Module):
 
     # decoder ------------------------------------------------------------------------------------
     def forward_step(self, embeds: torch.Tensor, positions: torch.Tensor, start: int,
-                     sdpa_mask: torch.Tensor, key_valid: torch.Tensor, caches: list[KVCache],
+                     sdpa_mask: torch.Tensor | None, key_valid: torch.Tensor, caches: list[KVCache],
                      flex: FlexState | None) -> torch.Tensor:
         """One prefill or decode step.
 
         embeds: [B, T, hidden] written at cache slots start..start+T-1; positions: [B, T] rotary
-        positions; sdpa_mask: [B, 1, T, start+T] bool; key_valid: [B, start+T] bool.
+        positions; sdpa_mask: [B, 1, T, start+T] bool, or None for an unpadded batch;
+        key_valid: [B, start+T] bool.
         Returns float32 logits of the last position: [B, vocab]."""
         cos, sin = self.rotary(embeds, positions)
         if flex is not None:

@@ -64,7 +64,9 @@ class PromptTokenizer:
         return ids
 
     def decode(self, ids: list[int]) -> str:
-        ids = [i for i in ids if i not in self.special_ids]
+        # ids past the tokenizer (a model vocabulary may be larger, e.g. llava-hf's added rows)
+        # decode to nothing
+        ids = [i for i in ids if i not in self.special_ids and 0 <= i < self.vocab_size]
         if self._sp is not None:
             return self._sp.decode(ids)
         return self._tok.decode(ids, skip_special_tokens=True)

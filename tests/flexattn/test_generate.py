@@ -49,11 +49,11 @@ def test_eos_stops_each_sample_on_its_own(golden_model):
     eos = free[0].token_ids[3]  # pretend this token is EOS
     model = golden_model
     old = model.config.eos_token_id
-    model.module.config.eos_token_id = eos
+    model.configure(eos_token_id=eos)
     try:
         stopped = model.generate(images[:3], prompts[:3], max_new_tokens=10)
     finally:
-        model.module.config.eos_token_id = old
+        model.configure(eos_token_id=old)
     for f, s in zip(free, stopped):
         if eos in f.token_ids:
             cut = f.token_ids.index(eos) + 1

@@ -1,0 +1,233 @@
+"""Model benchmark: the three modes on the same random weights and the same images, in one run.
+
+    python bench/model_bench.py --preset cpu-mini
+    python bench/model_bench.py --preset gpu-7b          # on a CUDA machine
+
+Modes: ``lowres`` (plain LLaVA-1.5 at 336), ``flexattn`` (1008, hierarchical attention),
+``fullres`` (1008, all 5184 high-res tokens in the sequence). FlexAttention also runs with its
+cost switches off, to show what each saves: ``flexattn-eager-tiles`` (all nine tiles encoded up
+front) and ``flexattn-no-kv-reuse`` (high-res K/V projected again at every step, as the
+published code does). Reports per-image time, prefill ms, decode ms per token, images/s per
+batch size, analytical TFLOPs per image (flexattn/flops.py) and peak memory, then the ratios.
+EOS is disabled so that every image generates exactly ``--new-tokens`` tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from flexattn import llava_v1_prompt  # noqa: E402
+from flexattn.config import FlexAttnConfig  # noqa: E402
+from flexattn.flops import image_cost  # noqa: E402
+from flexattn.random_model import random_model  # noqa: E402
+
+PRESETS = {
+    # LLM width 1024 x 12 layers with selection from layer 8 (3 FlexAttention layers); a CLIP
+    # tower whose cost per 336 crop is ~4% of the LLM prefill, as CLIP-L is for the 7B model;
+    # the real 24x24 / 72x72 grids.
+    "cpu-mini": dict(
+        llm=dict(vocab_size=8192, hidden_size=1024, intermediate_size=2752, num_hidden_layers=12,
+                 num_attention_heads=16, num_key_value_heads=16, mm_hidden_size=256),
+        clip=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
+                  num_attention_heads=4),
+        device="cpu", dtype="float32", batches=[1, 4], fullres_batches=[1], repeats=2),
+    # LLaVA-1.5-7B and CLIP ViT-L/14-336 shapes, random weights, bf16
+    "gpu-7b": dict(
+        llm=dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                 mm_hidden_size=1024),
+        clip=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                  num_attention_heads=16),
+        device="cuda", dtype="bfloat16", batches=[1, 8, 16], fullres_batches=[1, 8, 16],
+        repeats=3),
+}
+VARIANTS = {  # name -> (mode, config changes)
+    "lowres": ("lowres", {}),
+    "flexattn": ("flexattn", {}),
+    "flexattn-eager-tiles": ("flexattn", {"lazy_tiles": False}),
+    "flexattn-no-kv-reuse": ("flexattn", {"hr_kv_reuse": False}),
+    "fullres": ("fullres", {}),
+}
+QUESTION = "Describe this image in detail."
+
+
+def make_images(n: int, seed: int = 0) -> list[Image.Image]:
+    """Remote-sensing-like synthetic scenes of mixed sizes: textured fields, roads, buildings."""
+    rng = np.random.default_rng(seed)
+    sizes = [(1600, 1200), (1008, 1008), (2000, 1000), (900, 1500), (1400, 1400), (2400, 1800)]
+    out = []
+    for i in range(n):
+        w, h = sizes[i % len(sizes)]
+        base = rng.integers(40, 120, (h // 8, w // 8, 3), dtype=np.uint8)
+        im = Image.fromarray(base).resize((w, h), Image.Resampling.BILINEAR)
+        d = ImageDraw.Draw(im)
+        for _ in range(12):
+            x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
+            s = int(rng.integers(20, 160))
+            d.rectangle([x, y, x + s, y + s // 2], fill=tuple(int(c) for c in rng.integers(150, 255, 3)))
+        d.line([0, int(rng.integers(0, h)), w, int(rng.integers(0, h))], fill=(200, 200, 200), width=9)
+        out.append(im)
+    return out
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_variant(model, variant: str, images, batch: int, new_tokens: int, repeats: int) -> dict:
+    mode, changes = VARIANTS[variant]
+    base = model.config
+    model.configure(**{"lazy_tiles": True, "hr_kv_reuse": True, **changes})
+    dev = model.device
+    prompts = [llava_v1_prompt(QUESTION)] * batch
+    imgs = images[:batch]
+    model.generate(imgs[:1], prompts[:1], max_new_tokens=2, mode=mode)  # warm-up
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    walls, outs = [], None
+    for _ in range(repeats):
+        sync(dev)
+        t0 = time.perf_counter()
+        outs = model.generate(imgs, prompts, max_new_tokens=new_tokens, mode=mode)
+        sync(dev)
+        walls.append(time.perf_counter() - t0)
+    wall = statistics.median(walls)
+    peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    text_tokens = len(model.tokenizer.encode_prompt(prompts[0])) - 1
+    costs = [image_cost(model.config, model.module.vision_config, mode, text_tokens, new_tokens,
+                        selected_frac=o.hr_selected_frac, tiles=o.tiles_encoded,
+                        blocks_projected=o.hr_blocks_projected,
+                        reuse=model.config.hr_kv_reuse) for o in outs]
+    model.module.config = base
+    return {
+        "variant": variant, "mode": mode, "batch": batch, "new_tokens": new_tokens,
+        "wall_s": wall, "ms_per_image": wall / batch * 1000, "images_per_s": batch / wall,
+        "prefill_ms": statistics.mean(o.prefill_ms for o in outs),
+        "decode_ms_per_token": statistics.mean(o.decode_ms / max(1, o.generated_tokens - 1)
+                                               for o in outs),
+        "prompt_tokens": outs[0].prompt_tokens,
+        "hr_selected_frac": statistics.mean(o.hr_selected_frac for o in outs),
+        "tiles_encoded": statistics.mean(o.tiles_encoded for o in outs),
+        "tflops_per_image": statistics.mean(c.total for c in costs) / 1e12,
+        "tflops_parts": {k: statistics.mean(c.as_dict()[k] for c in costs) / 1e12
+                         for k in ("vision", "prefill", "decode", "hr_kv")},
+        "peak_mem_gib": peak / 2 ** 30,
+    }
+
+
+def ratios(rows: list[dict]) -> dict[str, float]:
+    def get(variant, batch, key):
+        for r in rows:
+            if r["variant"] == variant and r["batch"] == batch:
+                return r[key]
+        return float("nan")
+
+    out = {}
+    for b in sorted({r["batch"] for r in rows}):
+        low, flex = get("lowres", b, "ms_per_image"), get("flexattn", b, "ms_per_image")
+        out[f"b{b} flexattn/lowres per image"] = flex / low
+        out[f"b{b} flexattn-eager-tiles/lowres per image"] = get(
+            "flexattn-eager-tiles", b, "ms_per_image") / low
+        out[f"b{b} fullres/flexattn per image"] = get("fullres", b, "ms_per_image") / flex
+        out[f"b{b} flexattn/lowres decode step"] = (get("flexattn", b, "decode_ms_per_token")
+                                                    / get("lowres", b, "decode_ms_per_token"))
+        out[f"b{b} no-kv-reuse/kv-reuse decode step"] = (
+            get("flexattn-no-kv-reuse", b, "decode_ms_per_token")
+            / get("flexattn", b, "decode_ms_per_token"))
+        out[f"b{b} no-kv-reuse/kv-reuse per image"] = get(
+            "flexattn-no-kv-reuse", b, "ms_per_image") / flex
+    return {k: v for k, v in out.items() if v == v}  # drop NaN (missing combinations)
+
+
+def markdown(rows: list[dict], rat: dict[str, float]) -> str:
+    head = ("| variant | batch | ms/image | images/s | prefill ms | decode ms/token |"
+            " prompt tokens | selected frac | tiles | TFLOPs/image | peak GiB |")
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {r['batch']} | {r['ms_per_image']:.0f} | {r['images_per_s']:.2f}"
+            f" | {r['prefill_ms']:.0f} | {r['decode_ms_per_token']:.1f} | {r['prompt_tokens']}"
+            f" | {r['hr_selected_frac']:.3f} | {r['tiles_encoded']:.1f}"
+            f" | {r['tflops_per_image']:.3f} | {r['peak_mem_gib']:.2f} |")
+    lines += ["", "| ratio | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in rat.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-mini")
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--batches", help="comma-separated batch sizes (default: the preset's)")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated subset of {list(VARIANTS)}")
+    p.add_argument("--repeats", type=int, help="timed runs per point (median is reported)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--out", type=Path, help="JSON file for the results")
+    args = p.parse_args(argv)
+    preset = PRESETS[args.preset]
+    variants = args.variants.split(",")
+    for v in variants:
+        if v not in VARIANTS:
+            p.error(f"--variants: unknown variant {v!r}")
+    if preset["device"] == "cuda" and not torch.cuda.is_available():
+        p.error(f"--preset {args.preset} needs a CUDA device")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else preset["batches"]
+    from transformers import CLIPVisionConfig
+
+    cfg = FlexAttnConfig(**preset["llm"], eos_token_id=-1)  # EOS never ends a benchmark answer
+    vc = CLIPVisionConfig(image_size=336, patch_size=14, **preset["clip"])
+    dtype = getattr(torch, preset["dtype"])
+    t0 = time.perf_counter()
+    model = random_model(cfg, vc, device=preset["device"], dtype=dtype)
+    print(f"built {model.model_id} in {time.perf_counter() - t0:.1f}s", flush=True)
+    images = make_images(max(batches))
+    rows = []
+    for variant in variants:
+        for b in batches:
+            if VARIANTS[variant][0] == "fullres" and b not in preset["fullres_batches"]:
+                continue
+            r = run_variant(model, variant, images, b, args.new_tokens,
+                            args.repeats or preset["repeats"])
+            rows.append(r)
+            print(f"{variant:22s} b={b:<3d} {r['ms_per_image']:9.0f} ms/image"
+                  f"  prefill {r['prefill_ms']:8.0f} ms  decode {r['decode_ms_per_token']:7.1f}"
+                  f" ms/token  sel {r['hr_selected_frac']:.3f}  tiles {r['tiles_encoded']:.1f}"
+                  f"  {r['tflops_per_image']:.3f} TFLOPs", flush=True)
+    rat = ratios(rows)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=ROOT).stdout.strip()
+    device = (torch.cuda.get_device_name() if preset["device"] == "cuda"
+              else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    meta = {"preset": args.preset, "command": " ".join(["python", *sys.argv]), "commit": commit,
+            "date": time.strftime("%Y-%m-%d"), "device": device, "torch": torch.__version__,
+            "dtype": preset["dtype"]}
+    print()
+    print(markdown(rows, rat))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"meta": meta, "rows": rows, "ratios": rat}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
