@@ -150,5 +150,6 @@ class FlexAttnConfig:
             num_key_value_heads=self.num_key_value_heads, rms_norm_eps=self.rms_norm_eps,
             rope_theta=self.rope_theta, max_position_embeddings=self.max_position_embeddings,
             hidden_act=self.hidden_act, attention_bias=False, mlp_bias=False,
-            bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id if 0 <= self.eos_token_id < self.vocab_size else None,
             pad_token_id=self.pad_token_id, tie_word_embeddings=False)

@@ -1,8 +1,8 @@
 """Analytical cost model (FLOPs, a multiply-add counted as 2) of one image through the three
 modes: vision encoder, prefill, decode, and FlexAttention's high-resolution keys and values.
 
-It counts what this implementation computes: every CLIP layer (the tower runs to the end even
-though features come from layer -2), the projector, all decoder linears, causal attention over
+It counts what this implementation computes: the CLIP layers up to the selected one (layer -2:
+all but the last), the projector, all decoder linears, causal attention over
 the sequence, the logits of the last position only, and in ``flexattn`` mode the ``k_proj_hd``
 projection of each projected block, the last query's scores against the selected keys, and
 its values as W_V' (sum_t p_t f_t) per head (no value is projected per token). With
@@ -38,14 +38,17 @@ class Cost:
         return d
 
 
-def clip_crop_flops(vc: CLIPVisionConfig, mm_hidden: int, hidden: int) -> float:
-    """One 336 crop through the CLIP tower and the mlp2x_gelu projector."""
+def clip_crop_flops(vc: CLIPVisionConfig, mm_hidden: int, hidden: int,
+                    select_layer: int = -2) -> float:
+    """One 336 crop through the CLIP layers up to ``select_layer`` and the mlp2x_gelu
+    projector."""
     n = (vc.image_size // vc.patch_size) ** 2 + 1  # patches + CLS
     h, i = vc.hidden_size, vc.intermediate_size
     per_layer = 2 * n * (4 * h * h + 2 * h * i) + 4 * n * n * h
     patch = 2 * (n - 1) * 3 * vc.patch_size ** 2 * h
     proj = 2 * (n - 1) * (mm_hidden * hidden + hidden * hidden)
-    return vc.num_hidden_layers * per_layer + patch + proj
+    layers = select_layer if select_layer >= 0 else vc.num_hidden_layers + 1 + select_layer
+    return layers * per_layer + patch + proj
 
 
 def _linear_per_token(cfg: FlexAttnConfig) -> float:
@@ -70,7 +73,7 @@ def image_cost(cfg: FlexAttnConfig, vc: CLIPVisionConfig, mode: str, text_tokens
     if attention not in ("causal", "dense"):
         raise ValueError(f"attention must be 'causal' or 'dense', got {attention!r}")
     z2 = cfg.zoom_ratio ** 2
-    crop = clip_crop_flops(vc, cfg.mm_hidden_size, cfg.hidden_size)
+    crop = clip_crop_flops(vc, cfg.mm_hidden_size, cfg.hidden_size, cfg.mm_vision_select_layer)
     n_img = cfg.lr_tokens + (cfg.hr_tokens if mode == "fullres" else 0)
     if mode == "lowres":
         crops = 1

@@ -59,10 +59,20 @@ class LlavaFlexAttnForCausalLM(nn.Module):
 
     # vision -------------------------------------------------------------------------------------
     def encode_crops(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[N, 3, 336, 336] normalised crops -> projected features [N, 576, hidden]."""
-        out = self.vision_tower(pixel_values=pixels, output_hidden_states=True)
-        feats = out.hidden_states[self.config.mm_vision_select_layer][:, 1:]  # drop CLS
-        return self.model.mm_projector(feats)
+        """[N, 3, 336, 336] normalised crops -> projected features [N, 576, hidden].
+
+        Features are transformers' ``hidden_states[mm_vision_select_layer]`` (entry 0 is the
+        embedding output after ``pre_layrnorm``); only the layers up to that entry run."""
+        tower = getattr(self.vision_tower, "vision_model", self.vision_tower)
+        layers = tower.encoder.layers
+        sel = self.config.mm_vision_select_layer
+        n = sel if sel >= 0 else len(layers) + 1 + sel  # layers applied before that entry
+        h = tower.pre_layrnorm(tower.embeddings(pixels))  # [N, 577, C]
+        for layer in layers[:n]:
+            h = layer(h, None)
+            if isinstance(h, tuple):
+                h = h[0]
+        return self.model.mm_projector(h[:, 1:])  # drop CLS
 
     def stitch(self, tile_feats: torch.Tensor) -> torch.Tensor:
         """[N, Z*Z, G*G, hidden] per-tile features -> [N, (Z*G)**2, hidden] row-major grid."""
