@@ -1,0 +1,225 @@
+"""Stage 2, decode (CPU tasks): fetch bytes, decode, orient, convert to RGB, pad and resize.
+
+Per row: bytes from `source_uri` -> PIL image -> EXIF orientation -> RGB -> square of side
+max(w, h) filled with the CLIP mean colour (122, 116, 104), the image pasted at
+((S - w) // 2, (S - h) // 2) -> bicubic resize to `image_size` (1008 for LLaVA-FlexAttn).
+Adds `image` (uint8 [S, S, 3]), `width`, `height` (original, after orientation), `error`,
+`error_stage`.
+
+A file that cannot be read or decoded becomes a row with `error` set (stage `read` or
+`decode`) and a blank image; the job goes on. Images above `max_pixels` are refused from their
+header, before any pixel is decoded, so a decompression bomb is an error row, not an OOM.
+
+`expand` is the hook for inputs that yield several images (TIFF pages, PDF pages): a function
+`(data, source_uri, config) -> iterable of (page, PIL image)`; each gives a row with `page` set.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image, ImageOps, ImageSequence
+from ray.data.extensions import ArrowTensorArray
+
+from pipeline.columns import IMAGE, format_error, require_columns
+from pipeline.storage import read_bytes
+
+logger = logging.getLogger(__name__)
+
+STAGE = "decode"
+REQUIRED_COLUMNS = ("id", "source_uri")
+PAD_COLOR = (122, 116, 104)  # CLIP image mean * 255, as LLaVA pads
+DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own decompression-bomb error threshold
+HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
+
+Expand = Callable[[bytes, str, "DecodeConfig"], Iterable[tuple[int, Image.Image]]]
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    image_size: int = 1008  # the model's config.highres_size
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    pad_color: tuple[int, int, int] = PAD_COLOR
+    expand: Expand | None = None  # one input -> several rows (adds a `page` column)
+
+    def __post_init__(self) -> None:
+        if self.image_size < 1:
+            raise ValueError(f"--image-size must be positive, got {self.image_size}")
+        if self.max_pixels < 1:
+            raise ValueError(f"--max-pixels must be positive, got {self.max_pixels}")
+
+
+class ImageTooLargeError(ValueError):
+    pass
+
+
+@contextmanager
+def _own_pixel_limit() -> Iterator[None]:
+    """Let our `max_pixels` check, not Pillow's global, decide (restored afterwards)."""
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def check_pixels(size: tuple[int, int], max_pixels: int) -> None:
+    width, height = size
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"image is {width}x{height} = {width * height} pixels, above the limit of "
+            f"{max_pixels} (--max-pixels)"
+        )
+
+
+def _stretch(arr: np.ndarray) -> np.ndarray:
+    """Linear min-max stretch of any numeric array to uint8 (16-bit and float imagery)."""
+    if arr.dtype == np.uint8:
+        return arr
+    values = arr.astype(np.float32)
+    lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
+    if not hi > lo:
+        return np.zeros(arr.shape, np.uint8)
+    return np.nan_to_num((values - lo) * (255.0 / (hi - lo))).clip(0, 255).astype(np.uint8)
+
+
+def to_rgb(img: Image.Image, background: tuple[int, int, int] = PAD_COLOR) -> Image.Image:
+    """Any Pillow mode to RGB. Alpha is composited over `background`; high-bit-depth and float
+    images are min-max stretched to 8 bits (Pillow's own conversion would clip them)."""
+    if img.mode in HIGH_BIT_MODES:
+        return Image.fromarray(_stretch(np.asarray(img))).convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif img.mode in ("LA", "La", "PA", "RGBa"):
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        canvas = Image.new("RGB", img.size, background)
+        canvas.paste(img, mask=img.getchannel("A"))
+        return canvas
+    return img.convert("RGB")
+
+
+def pad_and_resize(img: Image.Image, size: int, fill: tuple[int, int, int]) -> Image.Image:
+    """Pad to a centred square of side max(w, h) with `fill`, then bicubic-resize to `size`."""
+    width, height = img.size
+    side = max(width, height)
+    if width != height:
+        canvas = Image.new("RGB", (side, side), fill)
+        canvas.paste(img, ((side - width) // 2, (side - height) // 2))
+        img = canvas
+    if side != size:
+        img = img.resize((size, size), Image.Resampling.BICUBIC)
+    return img
+
+
+def _open_tiff_with_tifffile(data: bytes, max_pixels: int) -> Image.Image:
+    """Multi-band / unusual TIFFs (GeoTIFF RGBN, 16-bit RGB) that Pillow cannot open."""
+    import tifffile
+
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        page = tif.pages[0]
+        check_pixels((page.imagewidth, page.imagelength), max_pixels)
+        arr = page.asarray()
+    if arr.ndim == 3 and arr.shape[0] < arr.shape[-1] and arr.shape[0] <= 16:
+        arr = np.moveaxis(arr, 0, -1)  # planar [C, H, W] -> [H, W, C]
+    if arr.ndim == 3:
+        arr = arr[..., :3] if arr.shape[-1] >= 3 else arr[..., 0]
+    return Image.fromarray(_stretch(arr))
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Open, size-check from the header, then decode the first frame."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        check_pixels(img.size, max_pixels)
+        img.load()
+        return img
+    except ImageTooLargeError:
+        raise
+    except Exception:
+        if data[:4] in TIFF_MAGIC:
+            return _open_tiff_with_tifffile(data, max_pixels)
+        raise
+
+
+def prepare(img: Image.Image, config: DecodeConfig) -> tuple[np.ndarray, int, int]:
+    """Orient, convert, pad, resize: (uint8 [S, S, 3], original width, original height)."""
+    img = ImageOps.exif_transpose(img)
+    width, height = img.size
+    rgb = to_rgb(img, config.pad_color)
+    square = pad_and_resize(rgb, config.image_size, config.pad_color)
+    return np.asarray(square, dtype=np.uint8), width, height
+
+
+def expand_frames(data: bytes, uri: str, config: DecodeConfig) -> Iterator[tuple[int, Image.Image]]:
+    """An `expand` hook: every frame of a multi-frame image (multi-page TIFF, animated GIF)."""
+    img = Image.open(io.BytesIO(data))
+    for page, frame in enumerate(ImageSequence.Iterator(img)):
+        check_pixels(frame.size, config.max_pixels)
+        yield page, frame.copy()
+
+
+def decode_batch(batch: pa.Table, config: DecodeConfig) -> pa.Table:
+    """Ray Data task UDF (`batch_format="pyarrow"`): one row per input (per page if `expand`)."""
+    require_columns(STAGE, batch, REQUIRED_COLUMNS)
+    start = time.perf_counter()
+    blank = np.zeros((config.image_size, config.image_size, 3), np.uint8)
+    take, images, widths, heights, errors, stages, pages = [], [], [], [], [], [], []
+
+    def emit(row: int, image=blank, size=(None, None), error=None, stage=None, page=None):
+        take.append(row)
+        images.append(image)
+        widths.append(size[0])
+        heights.append(size[1])
+        errors.append(error)
+        stages.append(stage)
+        pages.append(page)
+
+    with _own_pixel_limit():
+        for row, uri in enumerate(batch.column("source_uri").to_pylist()):
+            try:
+                data = read_bytes(uri)
+            except Exception as exc:  # noqa: BLE001 - any failure is this row's error
+                emit(row, error=format_error(exc), stage="read")
+                continue
+            try:
+                if config.expand is None:
+                    image, width, height = prepare(open_image(data, config.max_pixels), config)
+                    emit(row, image, (width, height))
+                    continue
+                n_before = len(take)
+                for page, frame in config.expand(data, uri, config):
+                    image, width, height = prepare(frame, config)
+                    emit(row, image, (width, height), page=page)
+                if len(take) == n_before:
+                    raise ValueError("document has no pages")
+            except Exception as exc:  # noqa: BLE001 - any failure is this row's error
+                emit(row, error=format_error(exc), stage=STAGE)
+
+    out = batch.take(pa.array(take, pa.int64()))
+    stacked = np.stack(images) if images else np.zeros((0, *blank.shape), np.uint8)
+    out = out.append_column(IMAGE, ArrowTensorArray.from_numpy(stacked))
+    out = out.append_column("width", pa.array(widths, pa.int32()))
+    out = out.append_column("height", pa.array(heights, pa.int32()))
+    out = out.append_column("error", pa.array(errors, pa.string()))
+    out = out.append_column("error_stage", pa.array(stages, pa.string()))
+    if config.expand is not None:
+        out = out.append_column("page", pa.array(pages, pa.int32()))
+    failed = sum(e is not None for e in errors)
+    logger.info(
+        "decode: %d inputs -> %d rows (%d errors) in %.2fs",
+        batch.num_rows, out.num_rows, failed, time.perf_counter() - start,
+    )
+    return out

@@ -1,0 +1,103 @@
+"""Resume: a rerun into the same output skips what is already written (an anti-join on keys).
+
+Ray Data 2.60 has checkpointing (`ray.data.checkpoint.CheckpointConfig`), but it filters at the
+read operator, wants its own checkpoint store, and keys rows that must exist before the read;
+our rows are keyed on input ids known at listing time, and multi-row inputs (pages) are keyed
+after decode. So resume here is plain: read the key columns of the committed Parquet files
+under the output, drop inputs whose keys are there, run the rest. Only whole files count (see
+`pipeline.write`), so a half-written file never hides an input.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.storage import is_local, open_fs, to_uri
+from pipeline.write import PARQUET_SUFFIX, TMP_SUFFIX
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_NAME = "_summary.json"
+
+
+def _is_output_file(path: str) -> bool:
+    name = posixpath.basename(path)
+    return name.endswith(PARQUET_SUFFIX) and not name.startswith((".", "_"))
+
+
+def list_output_files(output: str) -> list[str]:
+    """Committed Parquet files directly under `output` (URIs), sorted."""
+    fs, root = open_fs(output)
+    fs.invalidate_cache()
+    if not fs.exists(root):
+        return []
+    return sorted(to_uri(fs, p) for p in fs.ls(root, detail=False) if _is_output_file(p))
+
+
+def read_output(output: str, columns: list[str] | None = None) -> pa.Table:
+    """All committed rows under `output` (empty table if none)."""
+    files = list_output_files(output)
+    tables = []
+    for uri in files:
+        fs, path = open_fs(uri)
+        try:
+            with fs.open(path, "rb") as f:
+                tables.append(pq.read_table(f, columns=columns))
+        except Exception as exc:
+            raise ValueError(
+                f"output file {uri} is not readable Parquet ({exc}); remove it or use --overwrite"
+            ) from exc
+    if not tables:
+        return pa.table({c: pa.array([], pa.string()) for c in (columns or [])})
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def done_keys(output: str, key_columns: tuple[str, ...], task: str) -> pa.Table:
+    """Distinct key rows already written; refuses an output written by another task."""
+    table = read_output(output, columns=list(dict.fromkeys([*key_columns, "task"])))
+    if table.num_rows:
+        tasks = set(pc.unique(table.column("task")).to_pylist()) - {None}
+        if tasks - {task}:
+            raise ValueError(
+                f"--output {output} holds rows of task(s) {sorted(tasks)}, not {task!r}; "
+                "use another --output or --overwrite"
+            )
+    keys = table.select(list(key_columns))
+    return keys.group_by(list(key_columns)).aggregate([])
+
+
+def pending(inputs: pa.Table, done: pa.Table, key_columns: tuple[str, ...] = ("id",)) -> pa.Table:
+    """Rows of `inputs` whose keys are not in `done` (keys must be input columns)."""
+    if done.num_rows == 0:
+        return inputs
+    if len(key_columns) == 1:
+        key = key_columns[0]
+        seen = pc.is_in(inputs.column(key), value_set=done.column(key).combine_chunks())
+        return inputs.filter(pc.invert(seen))
+    marked = done.append_column("__done", pa.array([True] * done.num_rows))
+    joined = inputs.join(marked, keys=list(key_columns), join_type="left outer")
+    return joined.filter(pc.is_null(joined.column("__done"))).drop_columns(["__done"])
+
+
+def prepare_output(output: str, overwrite: bool) -> None:
+    """Remove stale temporary files; with `overwrite`, also every previous result."""
+    fs, root = open_fs(output)
+    fs.invalidate_cache()
+    if not fs.exists(root):
+        return
+    removed = 0
+    for path in fs.ls(root, detail=False):
+        name = posixpath.basename(path)
+        stale_tmp = name.startswith(".") and name.endswith(TMP_SUFFIX)
+        previous = overwrite and (_is_output_file(path) or name == SUMMARY_NAME)
+        if (stale_tmp or previous) and (not is_local(fs) or fs.isfile(path)):
+            fs.rm(path)
+            removed += 1
+    if removed:
+        logger.info("removed %d %s file(s) under %s", removed,
+                    "previous" if overwrite else "stale temporary", output)

@@ -1,0 +1,41 @@
+"""What makes one job differ from another: a `Task` plugs into the task-agnostic core
+(list -> decode -> predict -> [finalize] -> write).
+
+- `default_prompt`: the question asked when the input row has none (`--prompt` overrides it).
+- `extra_fields`: task columns written after the standard ones (RSVQA: `question_type`,
+  `ground_truth`, `correct`; OCR: `page`).
+- `expand`: decode hook for inputs that yield several rows (PDF / multi-page TIFF pages).
+- `finalize`: a CPU function over each predicted batch that fills the task columns (scoring).
+- `key_columns`: what makes an output row unique; resume skips inputs whose keys are written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from pipeline.decode import Expand
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    default_prompt: str
+    extra_fields: tuple[pa.Field, ...] = ()
+    expand: Expand | None = None
+    finalize: Callable[[pa.Table], pa.Table] | None = None
+    key_columns: tuple[str, ...] = ("id",)
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("a task needs a name (the `task` column)")
+        if "id" not in self.key_columns:
+            raise ValueError("task key_columns must include 'id'")
+
+
+CAPTION = Task(
+    name="caption",
+    default_prompt="Describe this remote sensing image in detail.",
+)

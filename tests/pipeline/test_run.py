@@ -1,0 +1,102 @@
+"""The assembled pipeline on a real local Ray with the real tiny model: error rows, resume,
+overwrite; plus the job config and its validation."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.columns import OUTPUT_SCHEMA
+from pipeline.resume import list_output_files
+from pipeline.run import JobConfig, add_task_columns, parse_actors, run
+from pipeline.tasks import CAPTION
+from tests.helpers import noise_image
+
+
+def _folder(root, n_good=4):
+    root.mkdir()
+    for i in range(n_good):
+        noise_image(500 + 40 * i, 380, seed=i).save(root / f"img{i}.jpg")
+    (root / "img9_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    return root
+
+
+def _config(tmp_path, **kw):
+    base = {"input": str(tmp_path / "in"), "output": str(tmp_path / "out"),
+            "model": kw.pop("model"), "max_new_tokens": 2, "batch_size": 2,
+            "decode_rows_per_task": 2, "memory_per_actor_gb": 0.5}
+    return JobConfig(**(base | kw))
+
+
+def test_run_resume_and_overwrite(ray_local, demo_model, tmp_path):
+    _folder(tmp_path / "in")
+    out = tmp_path / "out"
+
+    first = run(_config(tmp_path, model=str(demo_model), limit=3))
+    assert (first.rows_listed, first.rows_written, first.rows_skipped) == (3, 3, 0)
+    assert first.model == "llava-v1.5-tiny-flexattn"
+    ids_first = set(pq.read_table(out).column("id").to_pylist())
+    files_first = set(list_output_files(str(out)))
+
+    second = run(_config(tmp_path, model=str(demo_model)))
+    assert (second.rows_listed, second.rows_skipped, second.rows_written) == (5, 3, 2)
+    assert set(list_output_files(str(out))) > files_first  # earlier files untouched
+    table = pq.read_table(out)
+    assert table.schema == OUTPUT_SCHEMA
+    ids = table.column("id").to_pylist()
+    assert sorted(ids) == ["img0.jpg", "img1.jpg", "img2.jpg", "img3.jpg", "img9_corrupt.png"]
+    assert len(ids) == len(set(ids))  # each input exactly once
+    assert ids_first < set(ids)
+    rows = {r["id"]: r for r in table.to_pylist()}
+    assert rows["img9_corrupt.png"]["error_stage"] == "decode"
+    assert second.errors_by_stage == {"decode": 1}
+    for name in ("img0.jpg", "img3.jpg"):
+        assert rows[name]["error"] is None and rows[name]["answer"] is not None
+        assert rows[name]["width"] in (500, 620) and rows[name]["height"] == 380
+        assert rows[name]["task"] == "caption"
+        assert rows[name]["prompt"] == CAPTION.default_prompt
+
+    third = run(_config(tmp_path, model=str(demo_model)))
+    assert (third.rows_written, third.rows_skipped) == (0, 5)
+    assert pq.read_table(out).num_rows == 5
+
+    fresh = run(_config(tmp_path, model=str(demo_model), overwrite=True, limit=2))
+    assert (fresh.rows_written, fresh.rows_skipped) == (2, 0)
+    assert sorted(pq.read_table(out).column("id").to_pylist()) == ["img0.jpg", "img1.jpg"]
+
+
+def test_parse_actors():
+    assert parse_actors("2") == (2, 2)
+    assert parse_actors("1,8") == (1, 8)
+    for bad in ("0", "3,1", "a", "1,2,3", ""):
+        with pytest.raises(ValueError, match="--actors"):
+            parse_actors(bad)
+
+
+@pytest.mark.parametrize("field,value,flag", [
+    ("batch_size", 0, "--batch-size"),
+    ("actors", "4,2", "--actors"),
+    ("gpus_per_actor", -1, "--gpus-per-actor"),
+    ("limit", 0, "--limit"),
+    ("mode", "turbo", "--mode"),
+    ("max_new_tokens", 0, "--max-new-tokens"),
+    ("max_pixels", 0, "--max-pixels"),
+    ("prompt", " ", "--prompt"),
+    ("output", "", "--output"),
+    ("input", "", "--input"),
+])
+def test_job_config_errors_name_the_flag(field, value, flag):
+    kwargs = {"input": "in", "output": "out", field: value}
+    with pytest.raises(ValueError, match=flag):
+        JobConfig(**kwargs)
+
+
+def test_prompt_is_the_rows_question_else_the_jobs():
+    inputs = pa.table({"id": ["a", "b"], "source_uri": ["x", "y"],
+                       "question": pa.array(["Is it a port?", None], pa.string())})
+    out = add_task_columns(inputs, CAPTION, None)
+    assert out.column("prompt").to_pylist() == ["Is it a port?", CAPTION.default_prompt]
+    assert out.column("task").to_pylist() == ["caption", "caption"]
+    out = add_task_columns(inputs, CAPTION, "Count the ships.")
+    assert out.column("prompt").to_pylist() == ["Is it a port?", "Count the ships."]
