@@ -1,0 +1,118 @@
+"""Pipeline benchmark: the Ray Data job end to end against a bare loop that calls the same model
+on the same images, already decoded.
+
+    python bench/pipeline_bench.py                       # tiny demo model, local Ray, CPU
+
+The pipeline's figure is the whole run (listing, decoding, actor start-up and model load,
+generation, Parquet writes) from the run summary; the bare loop's is generation alone over
+images decoded beforehand with the pipeline's own decode code, with the model already loaded.
+Both get the whole machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def bare_loop(folder: Path, model_path: str, batch: int, new_tokens: int) -> dict:
+    import torch
+    from PIL import Image
+
+    from flexattn import llava_v1_prompt, load_model
+    from pipeline.decode import DecodeConfig, open_image, prepare
+
+    config = DecodeConfig()
+    decoded = []
+    for p in sorted(folder.iterdir()):
+        arr, w, h = prepare(open_image(p.read_bytes(), config.max_pixels), config)
+        decoded.append((Image.fromarray(arr), (w, h)))
+    model = load_model(model_path, device="cpu")
+    prompt = llava_v1_prompt("Describe this remote sensing image in detail.")
+    model.generate([decoded[0][0]], [prompt], max_new_tokens=2, image_sizes=[decoded[0][1]])
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(decoded), batch):
+            chunk = decoded[i:i + batch]
+            model.generate([c[0] for c in chunk], [prompt] * len(chunk),
+                           max_new_tokens=new_tokens, image_sizes=[c[1] for c in chunk])
+    wall = time.perf_counter() - t0
+    return {"images": len(decoded), "wall_s": wall, "images_per_s": len(decoded) / wall,
+            "torch_threads": torch.get_num_threads()}
+
+
+def pipeline_run(folder: Path, out: Path, model_path: str, batch: int, actors: int,
+                 new_tokens: int) -> dict:
+    import pyarrow.parquet as pq
+    import ray
+
+    from pipeline import JobConfig, run
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    try:
+        summary = run(JobConfig(input=str(folder), output=str(out), model=model_path,
+                                batch_size=batch, actors=(actors, actors),
+                                max_new_tokens=new_tokens, overwrite=True))
+    finally:
+        ray.shutdown()
+    rows = pq.read_table(out, columns=["id", "error"]).to_pylist()
+    assert len(rows) == summary.rows_listed and not any(r["error"] for r in rows), rows[:3]
+    return {"images": summary.rows_written, "wall_s": summary.elapsed_s,
+            "images_per_s": summary.images_per_s, "actors": actors}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=96)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--actors", type=int, default=2)
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--model", help="checkpoint directory (default: the tiny demo model)")
+    p.add_argument("--out", type=Path, help="JSON file for the results")
+    args = p.parse_args(argv)
+    if args.images < 1:
+        p.error("--images must be >= 1")
+    from model_bench import make_images
+
+    from flexattn.testing import demo_model_path
+
+    model_path = args.model or str(demo_model_path())
+    with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as tmp:
+        folder = Path(tmp) / "images"
+        folder.mkdir()
+        for i, im in enumerate(make_images(args.images, seed=1)):
+            im.save(folder / f"img_{i:04d}.jpg", quality=90)
+        pipe = pipeline_run(folder, Path(tmp) / "out", model_path, args.batch_size, args.actors,
+                            args.new_tokens)
+        bare = bare_loop(folder, model_path, args.batch_size, args.new_tokens)
+    ratio = pipe["images_per_s"] / bare["images_per_s"]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=ROOT).stdout.strip()
+    result = {"command": " ".join(["python", *sys.argv]), "commit": commit,
+              "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
+              "batch_size": args.batch_size, "new_tokens": args.new_tokens,
+              "pipeline": pipe, "bare_loop": bare, "ratio": ratio}
+    print(f"pipeline  {pipe['images']} images in {pipe['wall_s']:.1f} s"
+          f" = {pipe['images_per_s']:.2f} images/s ({args.actors} actors, end to end)")
+    print(f"bare loop {bare['images']} images in {bare['wall_s']:.1f} s"
+          f" = {bare['images_per_s']:.2f} images/s (generation only, decoded beforehand)")
+    print(f"ratio pipeline / bare loop: {ratio:.2f}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
