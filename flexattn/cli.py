@@ -1,4 +1,5 @@
-"""``flexattn`` command line: ``generate`` one answer, ``convert`` a checkpoint to the own layout."""
+"""``flexattn`` command line: ``generate`` one answer, ``convert`` a checkpoint to the own layout,
+``viz`` one answer plus a PNG of what the model looked at."""
 
 from __future__ import annotations
 
@@ -53,6 +54,38 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _viz(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from . import llava_v1_prompt, load_model
+    from .viz import save_overlay
+
+    if args.mode != "flexattn":
+        raise ValueError("viz needs --mode flexattn: only FlexAttention selects cells")
+    overrides = {} if args.threshold is None else {"threshold": args.threshold}
+    model = load_model(args.model, vision_tower=args.vision_tower, device=args.device,
+                       dtype=args.dtype, mode=args.mode, **overrides)
+    try:
+        image = Image.open(args.image)
+        image.load()
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--image: cannot read {args.image}: {exc}") from exc
+    prompt = args.prompt if "<image>" in args.prompt else llava_v1_prompt(args.prompt)
+    [out] = model.generate([image], [prompt], max_new_tokens=args.max_new_tokens)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    picture = save_overlay(args.out, image, out.hr_cells, out.selection_map,
+                           max_side=args.max_side)
+    if args.json:
+        print(json.dumps({"answer": out.text, "out": str(args.out), "size": list(picture.size),
+                          "image_size": list(image.size), "hr_cells": out.hr_cells,
+                          "selection_map": out.selection_map}))
+        return 0
+    print(out.text)
+    print(f"wrote {args.out} ({picture.size[0]}x{picture.size[1]}); 9x9 cells used"
+          f" {sum(out.hr_cells)}/81")
+    return 0
+
+
 def _convert(args: argparse.Namespace) -> int:
     from .loading import convert
 
@@ -81,6 +114,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.set_defaults(func=_generate)
+    v = sub.add_parser("viz", help="answer one prompt and draw the selected cells and the"
+                       " last selection map over the image as PNG")
+    v.add_argument("--model", required=True, help="checkpoint directory (any layout)")
+    v.add_argument("--vision-tower", help="CLIP tower directory (overrides mm_vision_tower)")
+    v.add_argument("--image", required=True, help="image file")
+    v.add_argument("--prompt", required=True, help="question, or a full prompt holding <image>")
+    v.add_argument("--out", required=True, help="PNG to write")
+    v.add_argument("--max-new-tokens", type=int, default=16)
+    v.add_argument("--max-side", type=int, default=1024, help="long side of the PNG at most")
+    v.add_argument("--mode", choices=MODES, default="flexattn")
+    v.add_argument("--threshold", type=float, help="selection threshold (0-255)")
+    v.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    v.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    v.add_argument("--json", action="store_true",
+                   help="print one JSON object (answer, hr_cells, selection_map)")
+    v.set_defaults(func=_viz)
     c = sub.add_parser("convert", help="write a checkpoint in the own safetensors layout")
     c.add_argument("src", help="checkpoint directory (original, HF or own layout)")
     c.add_argument("dst", help="output directory")

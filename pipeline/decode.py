@@ -12,6 +12,8 @@ header, before any pixel is decoded, so a decompression bomb is an error row, no
 
 `expand` is the hook for inputs that yield several images (TIFF pages, PDF pages): a function
 `(data, source_uri, config) -> iterable of (page, PIL image)`; each gives a row with `page` set.
+A page given as an exception instead of an image (or that fails to prepare) becomes an error
+row for that page, and the document's other pages still decode.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image, ImageOps, ImageSequence
+from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
 from ray.data.extensions import ArrowTensorArray
 
 from pipeline.columns import IMAGE, format_error, require_columns
@@ -41,7 +43,7 @@ DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own decompression-bomb error thresh
 HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
 
-Expand = Callable[[bytes, str, "DecodeConfig"], Iterable[tuple[int, Image.Image]]]
+Expand = Callable[[bytes, str, "DecodeConfig"], Iterable[tuple[int, Image.Image | Exception]]]
 
 
 @dataclass(frozen=True)
@@ -148,10 +150,33 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         return img
     except ImageTooLargeError:
         raise
-    except Exception:
+    except Exception as exc:
         if data[:4] in TIFF_MAGIC:
             return _open_tiff_with_tifffile(data, max_pixels)
+        if isinstance(exc, UnidentifiedImageError):  # Pillow's message names only a BytesIO
+            raise UnidentifiedImageError(describe_unreadable(data)) from None
         raise
+
+
+# Leading bytes of formats a mislabelled or damaged file commonly turns out to be.
+SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF8", "GIF"),
+    (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"BM", "BMP"), (b"%PDF-", "PDF"),
+    (b"PK\x03\x04", "ZIP"), (b"\x1f\x8b", "gzip"),
+)
+
+
+def describe_unreadable(data: bytes) -> str:
+    """Why no image decoder accepts `data`, from its first bytes: empty, text (an HTML error
+    page saved under an image name), or a damaged file of a known format."""
+    if not data:
+        return "empty file (0 bytes)"
+    if data[:64].lstrip().startswith(b"<"):  # <!DOCTYPE html>, <html>, <?xml ...>
+        return f"not an image: the file is HTML/XML text ({len(data)} bytes)"
+    kind = next((name for magic, name in SIGNATURES if data.startswith(magic)), None)
+    if kind is not None:
+        return f"damaged {kind} data ({len(data)} bytes): no image decoder accepts it"
+    return f"not a known image format ({len(data)} bytes, starting {data[:8]!r})"
 
 
 def prepare(img: Image.Image, config: DecodeConfig) -> tuple[np.ndarray, int, int]:
@@ -201,7 +226,13 @@ def decode_batch(batch: pa.Table, config: DecodeConfig) -> pa.Table:
                     continue
                 n_before = len(take)
                 for page, frame in config.expand(data, uri, config):
-                    image, width, height = prepare(frame, config)
+                    try:
+                        if isinstance(frame, Exception):
+                            raise frame
+                        image, width, height = prepare(frame, config)
+                    except Exception as exc:  # noqa: BLE001 - this page's error row
+                        emit(row, error=format_error(exc), stage=STAGE, page=page)
+                        continue
                     emit(row, image, (width, height), page=page)
                 if len(take) == n_before:
                     raise ValueError("document has no pages")

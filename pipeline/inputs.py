@@ -10,6 +10,8 @@
 
 Ids are stable across runs (the path relative to the folder or glob root, or the manifest id),
 which is what resume joins on. Listing reads names only; bytes are fetched by decode tasks.
+A local name that is not valid UTF-8 keeps its undecodable bytes as `\\xNN` in the id and is
+read through a percent-encoded `file://` URI (`pipeline.storage.to_uri`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import pyarrow.json
 import pyarrow.parquet as pq
 
 from pipeline.columns import GROUND_TRUTH, QUESTION
-from pipeline.storage import open_fs, to_uri
+from pipeline.storage import open_fs, printable, to_uri
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +72,7 @@ def list_inputs(config: InputConfig) -> pa.Table:
         table = read_manifest(source)
         kind = "manifest"
     elif fs.isfile(path):
-        table = _table([posixpath.basename(path)], [to_uri(fs, path)])
+        table = _table([printable(posixpath.basename(path))], [to_uri(fs, path)])
         kind = "file"
     else:
         raise ValueError(f"--input {source!r}: no such folder, file, glob match or manifest")
@@ -95,7 +97,8 @@ def _keep(path: str, extensions: tuple[str, ...]) -> bool:
 
 def _list_folder(fs, root: str, extensions: tuple[str, ...]) -> pa.Table:
     files = sorted(p for p in fs.find(root) if _keep(p, extensions))
-    return _table([posixpath.relpath(p, root) for p in files], [to_uri(fs, p) for p in files])
+    return _table([printable(posixpath.relpath(p, root)) for p in files],
+                  [to_uri(fs, p) for p in files])
 
 
 def _list_glob(fs, pattern: str, extensions: tuple[str, ...]) -> pa.Table:
@@ -103,7 +106,8 @@ def _list_glob(fs, pattern: str, extensions: tuple[str, ...]) -> pa.Table:
     first = min(pattern.index(c) for c in GLOB_CHARS if c in pattern)
     root = posixpath.dirname(pattern[:first])
     files = sorted(p for p in fs.glob(pattern) if fs.isfile(p) and _keep(p, extensions))
-    return _table([posixpath.relpath(p, root) for p in files], [to_uri(fs, p) for p in files])
+    return _table([printable(posixpath.relpath(p, root)) for p in files],
+                  [to_uri(fs, p) for p in files])
 
 
 def read_manifest(uri: str) -> pa.Table:

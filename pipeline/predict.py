@@ -6,11 +6,15 @@ The model is imported and loaded in `__init__`, once per actor, so the driver ne
 torch. Runs on CUDA when the actor sees a device, else on CPU (also when Ray assigned a GPU
 that CUDA cannot see). Rows that arrive with an error pass through untouched; a row whose
 generation fails gets `error_stage="predict"` while the rest of its batch still gets answers.
+A batch that runs out of GPU memory is split in halves and retried, recursively, down to one
+image; an image that does not fit alone becomes an error row naming the out-of-memory error.
+A row whose question is blank is an error row too (a null question means the job's prompt).
 """
 
 from __future__ import annotations
 
 import fcntl
+import gc
 import hashlib
 import logging
 import os
@@ -30,7 +34,58 @@ REQUIRED_COLUMNS = ("id", "prompt", IMAGE, "width", "height", "error", "error_st
 DEMO_MODEL = "demo"  # the tiny demo model, built on first use (flexattn.testing)
 MODES = ("flexattn", "lowres", "fullres")
 DTYPES = ("bfloat16", "float16", "float32")
+EMPTY_QUESTION_ERROR = "ValueError: empty question (the input row's question is blank)"
 MODEL_CACHE = Path(os.environ.get("FLEXATTN_MODEL_CACHE", "~/.cache/llava-flexattn/models"))
+# Layer s's 24x24 attention map over the image tokens at the last step (576 floats, row-major,
+# before margin zeroing). Not in OUTPUT_SCHEMA: predict always adds it, and only tasks that
+# list it in `extra_fields` write it (for overlays: `pipeline.overlays`, `flexattn.viz`).
+SELECTION_MAP_FIELD = pa.field("selection_map", pa.list_(pa.float32()))
+
+
+# Test-only fault injection, inert unless set (tests/reliability/test_oom.py): with
+# FLEXATTN_TEST_OOM_ABOVE=N every generate() call on more than N images raises
+# torch.OutOfMemoryError before running, and with FLEXATTN_TEST_OOM_IDS=a,b any call holding
+# one of those ids raises it, even alone. Read once per actor, which warns when it is on.
+TEST_OOM_ABOVE_ENV = "FLEXATTN_TEST_OOM_ABOVE"
+TEST_OOM_IDS_ENV = "FLEXATTN_TEST_OOM_IDS"
+
+
+@dataclass(frozen=True)
+class OomFaultHook:
+    """TEST ONLY: simulated out-of-memory errors, to show the predict stage's recovery on CPU."""
+
+    above: int | None = None
+    ids: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_env(cls) -> OomFaultHook:
+        above = os.environ.get(TEST_OOM_ABOVE_ENV, "").strip()
+        ids = os.environ.get(TEST_OOM_IDS_ENV, "").strip()
+        return cls(above=int(above) if above else None,
+                   ids=frozenset(i for i in ids.split(",") if i))
+
+    @property
+    def active(self) -> bool:
+        return self.above is not None or bool(self.ids)
+
+    def check(self, ids: list[str], torch) -> None:
+        too_many = self.above is not None and len(ids) > self.above
+        if too_many or self.ids.intersection(ids):
+            raise torch.OutOfMemoryError(
+                f"CUDA out of memory (simulated by the test fault hook {TEST_OOM_ABOVE_ENV}/"
+                f"{TEST_OOM_IDS_ENV}) on a batch of {len(ids)}"
+            )
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch.OutOfMemoryError, or a RuntimeError that CUDA / cuBLAS / MPS raised for lack of
+    memory (older builds and some kernels raise a plain RuntimeError)."""
+    if type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in text.lower() or "CUBLAS_STATUS_ALLOC_FAILED" in text
+    )
 
 
 @dataclass(frozen=True)
@@ -117,6 +172,10 @@ class Predictor:
         )
         self.model_id = getattr(self.model, "model_id", None) or Path(path).name
         self.device = device
+        self._fault_hook = OomFaultHook.from_env()
+        if self._fault_hook.active:
+            logger.warning("predict: TEST-ONLY out-of-memory fault hook is on (%s)",
+                           self._fault_hook)
         logger.info(
             "predict: loaded %s (%s, mode=%s) on %s in %.1fs",
             self.model_id, path, config.mode, device, time.perf_counter() - start,
@@ -125,19 +184,38 @@ class Predictor:
     def _full_prompt(self, question: str) -> str:
         return question if "<image>" in question else self._prompt(question)
 
-    def _generate(self, images, prompts, sizes) -> list:
-        """Generations in input order; where a batch fails, retry its rows one by one so
-        one bad row costs one error, and record each failure as the exception."""
+    def _generate(self, ids, images, prompts, sizes) -> list:
+        """Generations in input order, an exception in place of each row that failed. Out of
+        memory: split the batch in halves and retry each, recursively, down to one image
+        (freeing CUDA's cache between tries); any other failure: retry the rows one by one.
+        Either way one bad row costs one error row."""
         kwargs = {"max_new_tokens": self.config.max_new_tokens, "do_sample": False}
         try:
+            self._fault_hook.check(ids, self._torch)  # test-only; inert by default
             with self._torch.inference_mode():
                 return list(self.model.generate(images, prompts, image_sizes=sizes, **kwargs))
         except Exception as exc:  # noqa: BLE001 - isolate the failing rows below
-            if len(images) == 1:
-                return [exc]
-            logger.warning("predict: batch of %d failed (%s); retrying rows one by one",
-                           len(images), format_error(exc))
-        return [self._generate([i], [p], [s])[0] for i, p, s in zip(images, prompts, sizes)]
+            # Drop the traceback: its frames hold the failed batch's tensors.
+            error, oom = exc.with_traceback(None), is_out_of_memory(exc)
+        if oom:
+            self._free_memory()
+        if len(images) == 1:
+            return [error]
+        if oom:
+            half = (len(images) + 1) // 2
+            logger.warning("predict: out of memory on a batch of %d; retrying as %d + %d",
+                           len(images), half, len(images) - half)
+            return (self._generate(ids[:half], images[:half], prompts[:half], sizes[:half])
+                    + self._generate(ids[half:], images[half:], prompts[half:], sizes[half:]))
+        logger.warning("predict: batch of %d failed (%s); retrying rows one by one",
+                       len(images), format_error(error))
+        return [self._generate([d], [i], [p], [s])[0]
+                for d, i, p, s in zip(ids, images, prompts, sizes)]
+
+    def _free_memory(self) -> None:
+        gc.collect()
+        if self.device == "cuda":
+            self._torch.cuda.empty_cache()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         require_columns(STAGE, batch, REQUIRED_COLUMNS)
@@ -145,17 +223,23 @@ class Predictor:
         n = batch.num_rows
         errors = batch.column("error").to_pylist()
         stages = batch.column("error_stage").to_pylist()
+        questions = batch.column("prompt").to_pylist()
+        for i in range(n):
+            if errors[i] is None and not (questions[i] or "").strip():
+                errors[i], stages[i] = EMPTY_QUESTION_ERROR, STAGE
         todo = [i for i in range(n) if errors[i] is None]
         values: dict[str, list] = {f.name: [None] * n for f in PREDICTION_FIELDS}
         values["model"] = [self.model_id] * n
+        selection_maps: list = [None] * n
         if todo:
             from PIL import Image
 
             pixels = tensor_column(batch, IMAGE)  # uint8 [B, S, S, 3]
-            questions = batch.column("prompt").to_pylist()
             widths = batch.column("width").to_pylist()
             heights = batch.column("height").to_pylist()
+            ids = batch.column("id").to_pylist()
             results = self._generate(
+                [ids[i] for i in todo],
                 [Image.fromarray(np.ascontiguousarray(pixels[i])) for i in todo],
                 [self._full_prompt(questions[i]) for i in todo],
                 [(widths[i], heights[i]) for i in todo],
@@ -172,11 +256,16 @@ class Predictor:
                 values["hr_cells"][i] = [bool(v) for v in gen.hr_cells]
                 values["prefill_ms"][i] = float(gen.prefill_ms)
                 values["decode_ms"][i] = float(gen.decode_ms)
+                selection_maps[i] = gen.selection_map
         out = batch.drop_columns([IMAGE, "error", "error_stage"])
         for field in PREDICTION_FIELDS:
             if field.name in out.column_names:
                 out = out.drop_columns([field.name])
             out = out.append_column(field, pa.array(values[field.name], field.type))
+        if SELECTION_MAP_FIELD.name in out.column_names:
+            out = out.drop_columns([SELECTION_MAP_FIELD.name])
+        out = out.append_column(SELECTION_MAP_FIELD,
+                                pa.array(selection_maps, SELECTION_MAP_FIELD.type))
         out = out.append_column("error", pa.array(errors, pa.string()))
         out = out.append_column("error_stage", pa.array(stages, pa.string()))
         logger.info(

@@ -5,24 +5,28 @@ read operator, wants its own checkpoint store, and keys rows that must exist bef
 our rows are keyed on input ids known at listing time, and multi-row inputs (pages) are keyed
 after decode. So resume here is plain: read the key columns of the committed Parquet files
 under the output, drop inputs whose keys are there, run the rest. Only whole files count (see
-`pipeline.write`), so a half-written file never hides an input.
+`pipeline.write`), so a half-written file never hides an input. Every run first removes stale
+temporary files and moves aside committed files that are not whole Parquet (`prepare_output`),
+so a damaged file is neither counted nor fails the run: its inputs simply run again.
 """
 
 from __future__ import annotations
 
 import logging
 import posixpath
+import time
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.storage import is_local, open_fs, to_uri
+from pipeline.storage import is_local, open_fs, retrying, to_uri
 from pipeline.write import PARQUET_SUFFIX, TMP_SUFFIX
 
 logger = logging.getLogger(__name__)
 
 SUMMARY_NAME = "_summary.json"
+CORRUPT_SUFFIX = ".corrupt"
 
 
 def _is_output_file(path: str) -> bool:
@@ -45,9 +49,13 @@ def read_output(output: str, columns: list[str] | None = None) -> pa.Table:
     tables = []
     for uri in files:
         fs, path = open_fs(uri)
-        try:
+
+        def read(fs=fs, path=path) -> pa.Table:
             with fs.open(path, "rb") as f:
-                tables.append(pq.read_table(f, columns=columns))
+                return pq.read_table(f, columns=columns)
+
+        try:
+            tables.append(retrying(f"read {uri}", read))
         except Exception as exc:
             raise ValueError(
                 f"output file {uri} is not readable Parquet ({exc}); remove it or use --overwrite"
@@ -79,18 +87,23 @@ def pending(inputs: pa.Table, done: pa.Table, key_columns: tuple[str, ...] = ("i
         key = key_columns[0]
         seen = pc.is_in(inputs.column(key), value_set=done.column(key).combine_chunks())
         return inputs.filter(pc.invert(seen))
-    marked = done.append_column("__done", pa.array([True] * done.num_rows))
-    joined = inputs.join(marked, keys=list(key_columns), join_type="left outer")
-    return joined.filter(pc.is_null(joined.column("__done"))).drop_columns(["__done"])
+    # Not a join: a join never matches null keys, and an error row of a document that could
+    # not be opened has a null `page`; it must count as written like any other row.
+    seen = set(zip(*(done.column(c).to_pylist() for c in key_columns)))
+    keys = zip(*(inputs.column(c).to_pylist() for c in key_columns))
+    return inputs.filter(pa.array([k not in seen for k in keys], pa.bool_()))
 
 
 def prepare_output(output: str, overwrite: bool) -> None:
-    """Remove stale temporary files; with `overwrite`, also every previous result."""
+    """Remove stale temporary files; with `overwrite`, also every previous result. Without it,
+    move aside (`quarantine`) any committed file that is not whole Parquet, so its rows run
+    again instead of the job failing or counting them."""
     fs, root = open_fs(output)
     fs.invalidate_cache()
     if not fs.exists(root):
         return
     removed = 0
+    kept = []
     for path in fs.ls(root, detail=False):
         name = posixpath.basename(path)
         stale_tmp = name.startswith(".") and name.endswith(TMP_SUFFIX)
@@ -98,6 +111,32 @@ def prepare_output(output: str, overwrite: bool) -> None:
         if (stale_tmp or previous) and (not is_local(fs) or fs.isfile(path)):
             fs.rm(path)
             removed += 1
+        elif _is_output_file(path):
+            kept.append(path)
     if removed:
         logger.info("removed %d %s file(s) under %s", removed,
                     "previous" if overwrite else "stale temporary", output)
+    for path in kept:
+        quarantine(fs, path)
+
+
+def quarantine(fs, path: str) -> bool:
+    """Move a committed output file whose Parquet footer cannot be read (truncated, not
+    Parquet) to a hidden `.<name>.<time>.corrupt`; True if it did. Storage errors are
+    retried and raised, never taken for corruption."""
+    uri = to_uri(fs, path)
+
+    def footer() -> None:
+        with fs.open(path, "rb") as f:
+            pq.read_metadata(f)
+
+    try:
+        retrying(f"read {uri}", footer)
+        return False
+    except pa.ArrowInvalid as exc:
+        target = posixpath.join(posixpath.dirname(path),
+                                f".{posixpath.basename(path)}.{int(time.time())}{CORRUPT_SUFFIX}")
+        fs.mv(path, target)
+        logger.warning("output file %s is not whole Parquet (%s); moved it to %s: its rows "
+                       "run again", uri, exc, to_uri(fs, target))
+        return True

@@ -69,10 +69,9 @@ ARTICLES = {"a", "an", "the"}
 YES_WORDS = {"yes", "yeah", "yep", "true", "correct"}
 NO_WORDS = {"no", "nope", "false", "incorrect"}
 UNITS = {w: i for i, w in enumerate(
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-    "fifteen sixteen seventeen eighteen nineteen".split())}
+    ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"])}
 TENS = {w: 10 * i for i, w in enumerate(
-    "twenty thirty forty fifty sixty seventy eighty ninety".split(), start=2)}
+    ["twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"], start=2)}
 SCALES = {"hundred": 100, "thousand": 1000, "million": 1_000_000}
 NUMBER_WORDS = set(UNITS) | set(TENS) | set(SCALES)
 
@@ -171,7 +170,7 @@ def find_splits(root: str) -> list[str]:
 def _entries(data: dict, key: str, source: str) -> list:
     entries = data.get(key)
     if not isinstance(entries, list):
-        raise ValueError(f"{source}: expected a JSON object with a {key!r} list")
+        raise ValueError(f"{source}: expected a JSON object with a {key!r} list")  # noqa: TRY004
     return entries
 
 
@@ -362,8 +361,8 @@ def summary_rows(summary: dict) -> list[tuple[str, str]]:
             for t, p in summary["per_type"].items()]
     rows += [
         ("average accuracy (%)", _pct(summary["average_accuracy"])),
-        ("overall accuracy (%)", f"{_pct(summary['overall_accuracy'])}  "
-                                 f"({summary['correct']}/{summary['questions']})"),
+        ("overall accuracy (%)", (f"{_pct(summary['overall_accuracy'])}  "
+                                  f"({summary['correct']}/{summary['questions']})")),
         ("unanswered (error rows)", str(summary["errors"])),
         ("count bins", "on" if summary["count_bins"] else "off"),
     ]
@@ -378,8 +377,8 @@ def format_markdown(summary: dict, title: str = "RSVQA scores") -> str:
                      f"| {_pct(p['accuracy'])} |")
     lines += [
         f"| **average accuracy** | | | | {_pct(summary['average_accuracy'])} |",
-        f"| **overall accuracy** | {summary['questions']} | {summary['correct']} "
-        f"| {summary['errors']} | {_pct(summary['overall_accuracy'])} |",
+        (f"| **overall accuracy** | {summary['questions']} | {summary['correct']} "
+         f"| {summary['errors']} | {_pct(summary['overall_accuracy'])} |"),
         "", f"Count bins: {'on' if summary['count_bins'] else 'off'}.",
     ]
     return "\n".join(lines) + "\n"

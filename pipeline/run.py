@@ -90,6 +90,9 @@ class JobConfig:
         self.input_config(), self.decode_config(), self.predict_config()
 
     def input_config(self) -> InputConfig:
+        if self.task.extensions is not None:
+            return InputConfig(input=self.input, limit=self.limit,
+                               extensions=self.task.extensions)
         return InputConfig(input=self.input, limit=self.limit)
 
     def decode_config(self) -> DecodeConfig:

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.resume import SUMMARY_NAME
-from pipeline.storage import open_fs, to_uri
+from pipeline.storage import open_fs, retrying, to_uri
 
 
 @dataclass
@@ -52,10 +52,14 @@ class RunSummary:
     def write(self) -> str:
         """Write `_summary.json` beside the Parquet files; returns its URI."""
         fs, root = open_fs(self.output)
-        fs.makedirs(root, exist_ok=True)
         path = posixpath.join(root, SUMMARY_NAME)
-        with fs.open(path, "w") as f:
-            f.write(self.to_json())
+
+        def write() -> None:
+            fs.makedirs(root, exist_ok=True)
+            with fs.open(path, "w") as f:
+                f.write(self.to_json())
+
+        retrying(f"write {to_uri(fs, path)}", write)
         return to_uri(fs, path)
 
     def format_table(self) -> str:

@@ -7,6 +7,7 @@
 - `expand`: decode hook for inputs that yield several rows (PDF / multi-page TIFF pages).
 - `finalize`: a CPU function over each predicted batch that fills the task columns (scoring).
 - `key_columns`: what makes an output row unique; resume skips inputs whose keys are written.
+- `extensions`: file name endings listed from folders and globs (None: the image extensions).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Task:
     expand: Expand | None = None
     finalize: Callable[[pa.Table], pa.Table] | None = None
     key_columns: tuple[str, ...] = ("id",)
+    extensions: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.name:

@@ -29,7 +29,7 @@ from ray.data.datasource import Datasink
 from ray.data.datasource.datasink import WriteResult
 
 from pipeline.columns import conform, require_columns
-from pipeline.storage import is_local, open_fs, to_uri
+from pipeline.storage import is_local, open_fs, retrying, to_uri
 
 logger = logging.getLogger(__name__)
 
@@ -49,18 +49,27 @@ def part_name(table: pa.Table, key_columns: tuple[str, ...]) -> str:
 
 
 def write_table(table: pa.Table, output: str, name: str) -> str:
-    """Write `table` to `output/name` so that the final name only ever holds a whole file."""
+    """Write `table` to `output/name` so that the final name only ever holds a whole file;
+    transient storage errors are retried (`pipeline.storage.retrying`)."""
     fs, root = open_fs(output)
     final = posixpath.join(root, name)
-    if is_local(fs):
-        fs.makedirs(root, exist_ok=True)
-        tmp = posixpath.join(root, f".{name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
-        with fs.open(tmp, "wb") as f:
-            pq.write_table(table, f)
-        fs.mv(tmp, final)
-    else:
-        with fs.open(final, "wb") as f:
-            pq.write_table(table, f)
+
+    def write() -> None:
+        if is_local(fs):
+            fs.makedirs(root, exist_ok=True)
+            tmp = posixpath.join(root, f".{name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+            try:
+                with fs.open(tmp, "wb") as f:
+                    pq.write_table(table, f)
+                fs.mv(tmp, final)
+            finally:
+                if fs.exists(tmp):
+                    fs.rm(tmp)
+        else:
+            with fs.open(final, "wb") as f:
+                pq.write_table(table, f)
+
+    retrying(f"write {to_uri(fs, final)}", write)
     return to_uri(fs, final)
 
 
@@ -107,7 +116,7 @@ class ParquetSink(Datasink[dict]):
 
     def on_write_start(self, schema: pa.Schema | None = None) -> None:
         fs, root = open_fs(self.output)
-        fs.makedirs(root, exist_ok=True)
+        retrying(f"create {self.output}", lambda: fs.makedirs(root, exist_ok=True))
 
     def write(self, blocks: Iterable, ctx) -> dict[str, Any]:
         tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]

@@ -19,14 +19,22 @@ from tests.helpers import free_port
 
 
 @pytest.fixture(scope="session")
-def pipeline_env(tmp_path_factory):
-    """Moto S3 on 127.0.0.1, AWS_* variables, Ray auth token and demo-model home, for the
-    session (restored afterwards)."""
+def moto_server():
+    """The session's moto S3 server on 127.0.0.1. Its objects live in this process, so they
+    survive stopping and restarting the server (tests/reliability/test_storage_faults.py)."""
     from moto.server import ThreadedMotoServer
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port())
     server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def pipeline_env(moto_server, tmp_path_factory):
+    """Moto S3 on 127.0.0.1, AWS_* variables, Ray auth token and demo-model home, for the
+    session (restored afterwards)."""
+    port = moto_server.get_host_and_port()[1]
     home = tmp_path_factory.mktemp("env")
     token = home / "ray_auth_token"
     token.write_text(secrets.token_hex(32))
@@ -44,7 +52,6 @@ def pipeline_env(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     yield values
-    server.stop()
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
@@ -58,7 +65,8 @@ def ray_local(pipeline_env):
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        # address="local": always a new instance, never a cluster another process started.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  object_store_memory=512 * 1024**2)
     yield ray
 

@@ -1,0 +1,97 @@
+"""Flags every job shares (DESIGN.md section 6) and the start-up they share.
+
+Each flag maps to the `JobConfig` field of the same name (`--batch-size` <-> `batch_size`);
+a job adds its own flags, then calls `job_config(parser, args, task)`, which turns a
+`ValueError` from the config into argparse's exit 2 naming the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+
+from pipeline import JobConfig, Task
+
+
+def _gpus(text: str) -> float | None:
+    if text == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
+def add_job_arguments(p: argparse.ArgumentParser, *, default_input: str, default_output: str,
+                      input_help: str, prompt_help: str | None, **defaults) -> None:
+    """The shared flags; `defaults` override JobConfig's defaults (e.g. batch_size=2);
+    no `--prompt` when `prompt_help` is None (every row brings its own question)."""
+    d = dataclasses.replace(JobConfig(input=default_input, output=default_output), **defaults)
+    p.add_argument("--input", default=default_input, help=f"{input_help} (default: %(default)s)")
+    p.add_argument("--output", default=default_output,
+                   help="folder or s3:// / gs:// prefix (default: %(default)s)")
+    p.add_argument("--model", default=d.model,
+                   help="checkpoint directory, an object-storage URI of one, or 'demo' "
+                        "(default: %(default)s)")
+    p.add_argument("--vision-tower", default=None,
+                   help="CLIP tower directory or URI (default: from the checkpoint's config)")
+    if prompt_help is not None:
+        p.add_argument("--prompt", default=None, help=prompt_help)
+    p.add_argument("--mode", default=d.mode,
+                   help="flexattn, lowres or fullres (default: %(default)s)")
+    p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 "
+                   "(default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="rows per generate() call on an actor (default: %(default)s)")
+    p.add_argument("--actors", default="1",
+                   help="actor pool size MIN[,MAX], autoscaling (default: %(default)s)")
+    p.add_argument("--gpus-per-actor", type=_gpus, default="auto",
+                   help="GPUs per actor, or 'auto': 1 if the cluster has GPUs, else 0 "
+                        "(default: auto)")
+    p.add_argument("--cpus-per-actor", type=float, default=d.cpus_per_actor,
+                   help="(default: %(default)s)")
+    p.add_argument("--memory-per-actor-gb", type=float, default=d.memory_per_actor_gb,
+                   help="host memory reserved per model replica (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                   help="(default: %(default)s)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="only the first N inputs in listing order (default: all)")
+    p.add_argument("--max-pixels", type=int, default=d.max_pixels,
+                   help="larger images become error rows (default: %(default)s)")
+    p.add_argument("--image-size", type=int, default=d.image_size,
+                   help="side of the padded square decode produces, the model's "
+                        "highres_size (default: %(default)s)")
+    p.add_argument("--decode-rows-per-task", type=int, default=d.decode_rows_per_task,
+                   help="inputs per CPU decode task (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete previous results under --output instead of resuming")
+    p.add_argument("--save-overlays", type=int, default=0, metavar="N",
+                   help="after the run, draw the selected cells and the last selection map "
+                        "of the first N answered rows as PNG under OUTPUT/_overlays/")
+    p.add_argument("--log-level", default="INFO", help="driver log level (default: %(default)s)")
+
+
+def job_config(parser: argparse.ArgumentParser, args: argparse.Namespace, task: Task,
+               **fields) -> JobConfig:
+    """JobConfig from the parsed flags of the same names, plus `fields`."""
+    if args.save_overlays < 0:
+        parser.error(f"--save-overlays must be >= 0, got {args.save_overlays}")
+    names = {f.name for f in dataclasses.fields(JobConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names} | fields
+    try:
+        return JobConfig(task=task, **values)
+    except ValueError as exc:
+        parser.error(str(exc))  # exits 2 with the message naming the flag
+        raise  # unreachable: parser.error exits
+
+
+def start(args: argparse.Namespace) -> None:
+    """Driver logging, and Ray: RAY_ADDRESS (as `ray job submit` sets) or a local instance."""
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
