@@ -12,14 +12,13 @@ from pathlib import Path
 from .config import MODES
 
 
-def _generate(args: argparse.Namespace) -> int:
+def _load_inputs(args: argparse.Namespace):
+    """The model, the image and the full prompt named by the shared flags."""
     from PIL import Image
 
     from . import llava_v1_prompt, load_model
 
-    overrides = {}
-    if args.threshold is not None:
-        overrides["threshold"] = args.threshold
+    overrides = {} if args.threshold is None else {"threshold": args.threshold}
     model = load_model(args.model, vision_tower=args.vision_tower, device=args.device,
                        dtype=args.dtype, mode=args.mode, **overrides)
     try:
@@ -28,6 +27,11 @@ def _generate(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         raise SystemExit(f"--image: cannot read {args.image}: {exc}") from exc
     prompt = args.prompt if "<image>" in args.prompt else llava_v1_prompt(args.prompt)
+    return model, image, prompt
+
+
+def _generate(args: argparse.Namespace) -> int:
+    model, image, prompt = _load_inputs(args)
     [out] = model.generate([image], [prompt], max_new_tokens=args.max_new_tokens,
                            do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
                            top_p=args.top_p, seed=args.seed)
@@ -55,22 +59,11 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _viz(args: argparse.Namespace) -> int:
-    from PIL import Image
-
-    from . import llava_v1_prompt, load_model
     from .viz import save_overlay
 
     if args.mode != "flexattn":
         raise ValueError("viz needs --mode flexattn: only FlexAttention selects cells")
-    overrides = {} if args.threshold is None else {"threshold": args.threshold}
-    model = load_model(args.model, vision_tower=args.vision_tower, device=args.device,
-                       dtype=args.dtype, mode=args.mode, **overrides)
-    try:
-        image = Image.open(args.image)
-        image.load()
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"--image: cannot read {args.image}: {exc}") from exc
-    prompt = args.prompt if "<image>" in args.prompt else llava_v1_prompt(args.prompt)
+    model, image, prompt = _load_inputs(args)
     [out] = model.generate([image], [prompt], max_new_tokens=args.max_new_tokens)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     picture = save_overlay(args.out, image, out.hr_cells, out.selection_map,
