@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.caption_remote_sensing import main, parse_config
-from pipeline.columns import OUTPUT_SCHEMA
+from pipeline import CAPTION
+from pipeline.columns import OUTPUT_SCHEMA, output_schema
 from tests.helpers import REPO, free_port, noise_image
 
 VENV_BIN = Path(sys.executable).parent
@@ -50,7 +51,8 @@ def _read_s3_output(env, bucket: str, prefix: str):
 
 
 def _check_output(table, summary, names):
-    assert table.schema == OUTPUT_SCHEMA
+    assert table.schema == output_schema(CAPTION.extra_fields)
+    assert table.schema.names[:len(OUTPUT_SCHEMA)] == OUTPUT_SCHEMA.names
     ids = table.column("id").to_pylist()
     assert sorted(ids) == names and len(set(ids)) == len(ids)  # every input exactly once
     rows = {r["id"]: r for r in table.to_pylist()}
