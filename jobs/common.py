@@ -12,6 +12,7 @@ import dataclasses
 import logging
 
 from pipeline import JobConfig, Task
+from pipeline.storage import redact_secrets_in_logs
 
 
 def _gpus(text: str) -> float | None:
@@ -87,10 +88,12 @@ def job_config(parser: argparse.ArgumentParser, args: argparse.Namespace, task: 
 
 
 def start(args: argparse.Namespace) -> None:
-    """Driver logging, and Ray: RAY_ADDRESS (as `ray job submit` sets) or a local instance."""
+    """Driver logging (credentials from the environment redacted, even at DEBUG level), and
+    Ray: RAY_ADDRESS (as `ray job submit` sets) or a local instance."""
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    redact_secrets_in_logs()
     import ray
 
     if not ray.is_initialized():

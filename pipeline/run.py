@@ -115,6 +115,19 @@ class JobConfig:
             return self.gpus_per_actor
         return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
 
+    def check_cpu_budget(self) -> None:
+        """CPU-only actors that take every CPU leave none for decoding: Ray would wait forever.
+        Refuse that with a message naming the flags (GPU clusters keep CPUs beside GPUs)."""
+        if self.resolved_gpus_per_actor() > 0:
+            return
+        cpus = ray.cluster_resources().get("CPU", 0)
+        held = self.actors[1] * self.cpus_per_actor
+        if cpus and held > cpus - 1:
+            raise ValueError(
+                f"--actors {self.actors[1]} x --cpus-per-actor {self.cpus_per_actor:g} would hold"
+                f" {held:g} of the cluster's {cpus:g} CPUs, leaving less than one for decoding;"
+                " lower --actors or --cpus-per-actor")
+
 
 def add_task_columns(inputs: pa.Table, task: Task, prompt: str | None) -> pa.Table:
     """`task` and `prompt` (the row's question, else the job's prompt) for every input."""
@@ -179,6 +192,7 @@ def run(config: JobConfig) -> RunSummary:
     """Run the job to completion; rerunning with the same output only does what is missing."""
     start = time.perf_counter()
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    config.check_cpu_budget()
     task = config.task
     prepare_output(config.output, config.overwrite)
     inputs = add_task_columns(list_inputs(config.input_config()), task, config.prompt)

@@ -3,7 +3,9 @@
 Credentials and endpoints come from the environment the way each backend reads them: for S3,
 the standard AWS variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`,
 `AWS_DEFAULT_REGION`, `AWS_ENDPOINT_URL`, `AWS_PROFILE`) or an instance role; for `gs://`,
-Google application-default credentials (needs `gcsfs`). Nothing here takes or logs a secret.
+Google application-default credentials (needs `gcsfs`). Nothing here takes or logs a secret,
+and `redact_secrets_in_logs` (the jobs call it) keeps libraries that log request headers at
+DEBUG level (botocore) from writing credential values into the job's log.
 
 Transient storage faults (connection refused or reset, timeouts, throttling, 5xx) are retried
 by `retrying` with exponential backoff, on top of the client's own retries, so an object store
@@ -76,9 +78,9 @@ def _transient_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
-def is_transient(exc: BaseException) -> bool:
+def is_transient(exc: BaseException, _depth: int = 0) -> bool:
     """A storage error worth retrying: the service was unreachable or overloaded, not a
-    missing object, a permission problem or bad data."""
+    missing object, a permission problem or bad data. Looks through wrapped causes."""
     if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError
                   | NotADirectoryError | FileExistsError):
         return False
@@ -92,7 +94,7 @@ def is_transient(exc: BaseException) -> bool:
         status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
         return code in TRANSIENT_CODES or status >= 500
     cause = exc.__cause__ or exc.__context__
-    return cause is not None and cause is not exc and is_transient(cause)
+    return cause is not None and _depth < 8 and is_transient(cause, _depth + 1)
 
 
 def retrying(what: str, fn: Callable[[], T], attempts: int | None = None) -> T:
@@ -173,3 +175,41 @@ def write_bytes(uri: str, data: bytes) -> None:
             f.write(data)
 
     retrying(f"write {printable(uri)}", write)
+
+
+# Environment variables whose values are credentials. Libraries may log them at DEBUG level
+# (botocore logs request headers, session token included); `redact_secrets_in_logs` keeps
+# them out of whatever the job's log handlers write.
+SECRET_ENV_VARS = (
+    "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ACCESS_KEY_ID",
+    "AZURE_STORAGE_KEY", "AZURE_STORAGE_SAS_TOKEN", "AZURE_STORAGE_CONNECTION_STRING",
+    "GOOGLE_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "RAY_AUTH_TOKEN",
+)
+REDACTED = "***"
+
+
+class RedactingFormatter(logging.Formatter):
+    """Formats with `inner`, then replaces every secret value (message, arguments and
+    traceback alike) with `***`."""
+
+    def __init__(self, inner: logging.Formatter | None, secrets: list[str]):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+        self.secrets = sorted(secrets, key=len, reverse=True)
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = self.inner.format(record)
+        for secret in self.secrets:
+            text = text.replace(secret, REDACTED)
+        return text
+
+
+def redact_secrets_in_logs(logger: logging.Logger | None = None) -> int:
+    """Make the handlers of `logger` (default: the root logger, as `logging.basicConfig` sets
+    it up) redact the values of SECRET_ENV_VARS. Returns the number of handlers changed."""
+    secrets = [v for name in SECRET_ENV_VARS if len(v := os.environ.get(name, "")) >= 8]
+    handlers = (logger or logging.getLogger()).handlers
+    for handler in handlers:
+        if secrets and not isinstance(handler.formatter, RedactingFormatter):
+            handler.setFormatter(RedactingFormatter(handler.formatter, secrets))
+    return len(handlers) if secrets else 0

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.columns import OUTPUT_SCHEMA
+from pipeline.columns import output_schema
 from pipeline.resume import list_output_files
 from pipeline.run import JobConfig, add_task_columns, parse_actors, run
 from pipeline.tasks import CAPTION
@@ -43,7 +43,7 @@ def test_run_resume_and_overwrite(ray_local, demo_model, tmp_path):
     assert (second.rows_listed, second.rows_skipped, second.rows_written) == (5, 3, 2)
     assert set(list_output_files(str(out))) > files_first  # earlier files untouched
     table = pq.read_table(out)
-    assert table.schema == OUTPUT_SCHEMA
+    assert table.schema == output_schema(CAPTION.extra_fields)
     ids = table.column("id").to_pylist()
     assert sorted(ids) == ["img0.jpg", "img1.jpg", "img2.jpg", "img3.jpg", "img9_corrupt.png"]
     assert len(ids) == len(set(ids))  # each input exactly once
@@ -100,3 +100,13 @@ def test_prompt_is_the_rows_question_else_the_jobs():
     assert out.column("task").to_pylist() == ["caption", "caption"]
     out = add_task_columns(inputs, CAPTION, "Count the ships.")
     assert out.column("prompt").to_pylist() == ["Is it a port?", "Count the ships."]
+
+
+def test_cpu_actors_holding_every_cpu_are_refused(ray_local, tmp_path):
+    # local Ray with 2 CPUs: two 1-CPU actors would leave nothing for decode tasks (a hang)
+    config = JobConfig(input=str(tmp_path), output=str(tmp_path / "out"), actors=(1, 2),
+                       gpus_per_actor=0)
+    with pytest.raises(ValueError, match="--actors 2 x --cpus-per-actor 1 would hold 2 of"):
+        run(config)
+    JobConfig(input=str(tmp_path), output=str(tmp_path / "out"), actors=(1, 1),
+              gpus_per_actor=0).check_cpu_budget()  # one actor leaves a CPU for decoding
