@@ -110,21 +110,27 @@ def _list_glob(fs, pattern: str, extensions: tuple[str, ...]) -> pa.Table:
                   [to_uri(fs, p) for p in files])
 
 
-def read_manifest(uri: str) -> pa.Table:
-    """Read a Parquet/CSV/JSONL manifest into the input table (validated)."""
+def read_table_file(uri: str, text_columns: tuple[str, ...], flag: str) -> pa.Table:
+    """A Parquet, CSV or JSONL file as a table; CSV ``text_columns`` stay text (ids like "007"
+    must not become 7). ``flag`` names the option in errors."""
     fs, path = open_fs(uri)
     lower = path.lower()
     with fs.open(path, "rb") as f:
         if lower.endswith(".parquet"):
-            raw = pq.read_table(f)
-        elif lower.endswith(".csv"):
-            # Text stays text: ids like "007" must not become 7.
-            as_text = {c: pa.string() for c in ("id", *URI_COLUMNS, QUESTION, GROUND_TRUTH)}
-            raw = pyarrow.csv.read_csv(
-                f, convert_options=pyarrow.csv.ConvertOptions(column_types=as_text)
-            )
-        else:
-            raw = pyarrow.json.read_json(f)
+            return pq.read_table(f)
+        if lower.endswith(".csv"):
+            as_text = {c: pa.string() for c in text_columns}
+            return pyarrow.csv.read_csv(
+                f, convert_options=pyarrow.csv.ConvertOptions(column_types=as_text))
+        if lower.endswith((".jsonl", ".json")):
+            return pyarrow.json.read_json(f)
+    raise ValueError(f"{flag} {uri!r}: expected a .parquet, .csv or .jsonl file")
+
+
+def read_manifest(uri: str) -> pa.Table:
+    """Read a Parquet/CSV/JSONL manifest into the input table (validated)."""
+    raw = read_table_file(uri, ("id", *URI_COLUMNS, QUESTION, GROUND_TRUTH), "--input manifest")
+    fs, path = open_fs(uri)  # relative image URIs resolve against the manifest's folder
     if "id" not in raw.column_names:
         raise ValueError(f"--input manifest {uri!r}: needs an 'id' column, has {raw.column_names}")
     uri_col = next((c for c in URI_COLUMNS if c in raw.column_names), None)

@@ -28,14 +28,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.csv
-import pyarrow.json
-import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.decode import DecodeConfig, check_pixels, open_image
+from pipeline.inputs import read_table_file
 from pipeline.predict import SELECTION_MAP_FIELD
-from pipeline.storage import open_fs
 from pipeline.tasks import Task
 
 logger = logging.getLogger(__name__)
@@ -181,18 +178,7 @@ def wer(hypothesis: str, reference: str) -> float | None:
 
 def read_ground_truth(uri: str) -> dict[tuple[str, int], str]:
     """`(id, page) -> text` from a Parquet / CSV / JSONL manifest with `id`, `page`, `text`."""
-    fs, path = open_fs(uri)
-    lower = path.lower()
-    with fs.open(path, "rb") as f:
-        if lower.endswith(".parquet"):
-            table = pq.read_table(f)
-        elif lower.endswith(".csv"):
-            table = pyarrow.csv.read_csv(f, convert_options=pyarrow.csv.ConvertOptions(
-                column_types={"id": pa.string(), "text": pa.string()}))
-        elif lower.endswith(".jsonl"):
-            table = pyarrow.json.read_json(f)
-        else:
-            raise ValueError(f"--ground-truth {uri!r}: expected .parquet, .csv or .jsonl")
+    table = read_table_file(uri, ("id", "text"), "--ground-truth")
     missing = [c for c in ("id", "page", "text") if c not in table.column_names]
     if missing:
         raise ValueError(f"--ground-truth {uri!r}: missing column(s) {missing}, "
