@@ -55,7 +55,6 @@ class FlexState:
     hr_blocks: torch.Tensor | None
     hr_cos: torch.Tensor | None
     hr_sin: torch.Tensor | None
-    use_hr: bool = True
     trace: bool = False
     # mask produced by the previous layer for the current one: [B, P*P] bool
     block_mask: torch.Tensor | None = None
@@ -200,8 +199,8 @@ class HierarchicalAttention(nn.Module):
     """Llama attention; in layers > s the last query also attends to selected high-res keys."""
 
     def __init__(self, cfg: FlexAttnConfig, layer_idx: int) -> None:
+        # cfg only shapes the module; run-time settings come from FlexState.cfg
         super().__init__()
-        self.cfg = cfg
         self.layer_idx = layer_idx
         h, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = h, hkv, d
@@ -265,7 +264,7 @@ class HierarchicalAttention(nn.Module):
         scores = scores.masked_fill(~key_valid.view(b, 1, 1, -1), neg)
         probs_seq = torch.softmax(scores, dim=-1)
         hr = None
-        if self.is_flex and flex.use_hr and flex.block_mask is not None:
+        if self.is_flex and flex.block_mask is not None:
             hr = flex.hr_keys(self.layer_idx, self)
         # selection for the next layer, from the sequence-only softmax summed over heads
         flex.update_selection(self.layer_idx, probs_seq.sum(dim=(1, 2)))
@@ -280,7 +279,7 @@ class HierarchicalAttention(nn.Module):
         out = torch.einsum("bgrs,bgsd->bgrd", probs[..., :n_seq], values.float())
         p_hr = probs[..., n_seq:]  # [B, Hkv, rep, N]
         w_v = self.v_proj_hd.weight.float().view(hkv, d, -1)  # [Hkv, D, hidden]
-        if self.cfg.hr_kv_reuse:
+        if flex.cfg.hr_kv_reuse:
             # values without projecting tokens: W_V' (sum_t p_t f_t), per query head
             mix = torch.einsum("bgrn,bnc->bgrc", p_hr, feats.float())  # [B, Hkv, rep, hidden]
             out = out + torch.einsum("bgrc,gdc->bgrd", mix, w_v)

@@ -160,7 +160,7 @@ class LlavaFlexAttn:
         hidden = cfg.hidden_size
         f_lr = torch.zeros(b, cfg.lr_tokens, hidden, device=device, dtype=dtype)
         f_hr = torch.zeros(b, cfg.hr_tokens, hidden, device=device, dtype=dtype) \
-            if mode != "lowres" else None
+            if want_hr else None
         tile_pixels = None
         if with_img and lazy:
             hr = self._pixels([images[i] for i in with_img])
@@ -214,7 +214,10 @@ class LlavaFlexAttn:
             hr_cos, hr_sin = hr_rope_tables(cos, sin, cfg.hr_grid)  # [B, 5184, D] float32
             flex = FlexState(
                 cfg=cfg, image_slot=image_slot, has_image=has_image, keep=keep,
-                hr_blocks=to_blocks(f_hr, cfg.hr_grid, cfg.pool_grid),
+                # lazy tiles fill the block-major features tile by tile as they are selected
+                hr_blocks=to_blocks(f_hr, cfg.hr_grid, cfg.pool_grid) if f_hr is not None
+                else torch.zeros(b, cfg.num_blocks, cfg.block_size ** 2, hidden, device=device,
+                                 dtype=dtype),
                 hr_cos=to_blocks(hr_cos, cfg.hr_grid, cfg.pool_grid),
                 hr_sin=to_blocks(hr_sin, cfg.hr_grid, cfg.pool_grid), trace=return_trace,
                 tile_pixels=tile_pixels, encode_tiles=self.module.encode_crops)

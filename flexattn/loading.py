@@ -371,8 +371,6 @@ def load_model(path: str | Path, vision_tower: str | Path | None = None, device:
     else:
         module, tok, model_id = _load_own(p, dt)
     module.config = module.config.replace(mode=mode, **overrides)
-    for layer in module.model.layers:
-        layer.self_attn.cfg = module.config
     log.info("loaded %s (%s layout) on %s as %s, mode %s", model_id, layout, dev, dt, mode)
     return LlavaFlexAttn(module.to(dev), tok, model_id=model_id)
 
