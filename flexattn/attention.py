@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .config import FlexAttnConfig
 from .selection import select_high_res
@@ -172,15 +172,21 @@ class FlexState:
         order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :kmax]
         valid = (torch.arange(kmax, device=mask.device).view(1, -1) < counts.view(-1, 1))
         bidx = torch.arange(b, device=mask.device).view(-1, 1)
-        blocks = self.hr_blocks[bidx, order]  # [B, kmax, 64, hidden]
+        # index_select on flattened leading dims: one contiguous copy per block (several times
+        # faster than advanced indexing on CPU)
+        blocks = self.hr_blocks.flatten(0, 1).index_select(0, (bidx * nblk + order).view(-1))
+        blocks = blocks.view(b, kmax, tok, -1)  # [B, kmax, 64, hidden]
         if cfg.hr_kv_reuse:
-            k_sel = self.hr_k[layer_idx][bidx, :, order]  # [B, kmax, Hkv, 64, D]
+            # straight into [B, Hkv, kmax, 64, D], so no permute afterwards
+            rows = (bidx.view(b, 1, 1) * hkv + torch.arange(hkv, device=mask.device)
+                    .view(1, -1, 1)) * nblk + order.view(b, 1, kmax)
+            k_sel = self.hr_k[layer_idx].flatten(0, 2).index_select(0, rows.view(-1))
         else:  # the published code's way: project every selected token again at every step
             k_sel = self._project_keys(attn, blocks.reshape(b * kmax, tok, -1),
                                        bidx.expand(b, kmax).reshape(-1), order.reshape(-1))
-            k_sel = k_sel.view(b, kmax, hkv, tok, d)
+            k_sel = k_sel.view(b, kmax, hkv, tok, d).transpose(1, 2)
             self.blocks_projected += counts
-        k_sel = k_sel.permute(0, 2, 1, 3, 4).reshape(b, hkv, kmax * tok, d)
+        k_sel = k_sel.reshape(b, hkv, kmax * tok, d)
         return k_sel, blocks.reshape(b, kmax * tok, -1), valid.repeat_interleave(tok, dim=1)
 
     def _project_keys(self, attn: HierarchicalAttention, x: torch.Tensor, bi: torch.Tensor,
@@ -191,8 +197,12 @@ class FlexState:
         k = attn.k_proj_hd(x).view(-1, tok, hkv, d).float()
         cos = self.hr_cos[bi, ki].unsqueeze(2)  # [n, 64, 1, D]
         sin = self.hr_sin[bi, ki].unsqueeze(2)
-        k = k * cos + rotate_half(k) * sin
-        return k.transpose(1, 2).to(x.dtype)
+        # k * cos + rotate_half(k) * sin, with rotate_half(k) = cat(-k2, k1), in three passes
+        half = d // 2
+        out = k * cos
+        out[..., :half].addcmul_(k[..., half:], sin[..., :half], value=-1.0)
+        out[..., half:].addcmul_(k[..., :half], sin[..., half:])
+        return out.transpose(1, 2).to(x.dtype)
 
 
 class HierarchicalAttention(nn.Module):
@@ -253,13 +263,16 @@ class HierarchicalAttention(nn.Module):
 
     def _last_row(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                   key_valid: torch.Tensor, flex: FlexState) -> torch.Tensor:
-        # q: [B, H, 1, D]; keys, values: [B, Hkv, S, D] -> [B, H, 1, D] float32
+        # q: [B, H, 1, D]; keys, values: [B, Hkv, S, D] -> [B, H, 1, D] in the model dtype.
+        # Matrix products run in the model dtype, as in the original's eager attention, so no
+        # cache, feature or weight tensor is ever copied to float32; only the small score and
+        # probability rows are (the softmax is float32).
         b, h = q.shape[:2]
         hkv, d = keys.shape[1], keys.shape[-1]
         rep = h // hkv
         scale = d ** -0.5
-        qf = q.float().reshape(b, hkv, rep, d)  # heads grouped by their kv head
-        scores = torch.einsum("bgrd,bgsd->bgrs", qf, keys.float()) * scale  # [B, Hkv, rep, S]
+        qg = q.reshape(b, hkv, rep, d)  # heads grouped by their kv head
+        scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * scale  # [B, Hkv, rep, S]
         neg = torch.finfo(torch.float32).min
         scores = scores.masked_fill(~key_valid.view(b, 1, 1, -1), neg)
         probs_seq = torch.softmax(scores, dim=-1)
@@ -269,21 +282,21 @@ class HierarchicalAttention(nn.Module):
         # selection for the next layer, from the sequence-only softmax summed over heads
         flex.update_selection(self.layer_idx, probs_seq.sum(dim=(1, 2)))
         if hr is None or hr[0].shape[2] == 0:
-            out = torch.einsum("bgrs,bgsd->bgrd", probs_seq, values.float())
+            out = torch.matmul(probs_seq.to(values.dtype), values)
             return out.reshape(b, h, 1, d)
         k_hr, feats, valid = hr  # [B, Hkv, N, D], [B, N, hidden], [B, N]
-        s_hr = torch.einsum("bgrd,bgnd->bgrn", qf, k_hr.float()) * scale
+        s_hr = torch.matmul(qg, k_hr.transpose(-1, -2)).float() * scale  # [B, Hkv, rep, N]
         s_hr = s_hr.masked_fill(~valid.view(b, 1, 1, -1), float("-inf"))
-        probs = torch.softmax(torch.cat([scores, s_hr], dim=-1), dim=-1)
+        probs = torch.softmax(torch.cat([scores, s_hr], dim=-1), dim=-1).to(values.dtype)
         n_seq = scores.shape[-1]
-        out = torch.einsum("bgrs,bgsd->bgrd", probs[..., :n_seq], values.float())
+        out = torch.matmul(probs[..., :n_seq], values)  # [B, Hkv, rep, D]
         p_hr = probs[..., n_seq:]  # [B, Hkv, rep, N]
-        w_v = self.v_proj_hd.weight.float().view(hkv, d, -1)  # [Hkv, D, hidden]
+        w_v = self.v_proj_hd.weight.view(hkv, d, -1)  # [Hkv, D, hidden]
         if flex.cfg.hr_kv_reuse:
             # values without projecting tokens: W_V' (sum_t p_t f_t), per query head
-            mix = torch.einsum("bgrn,bnc->bgrc", p_hr, feats.float())  # [B, Hkv, rep, hidden]
+            mix = torch.matmul(p_hr.reshape(b, h, -1), feats).view(b, hkv, rep, -1)
             out = out + torch.einsum("bgrc,gdc->bgrd", mix, w_v)
         else:  # the published code's way: project every selected token's value
-            v_hr = torch.einsum("bnc,gdc->bgnd", feats.float(), w_v)
-            out = out + torch.einsum("bgrn,bgnd->bgrd", p_hr, v_hr)
+            v_hr = torch.einsum("bnc,gdc->bgnd", feats, w_v)
+            out = out + torch.matmul(p_hr, v_hr)
         return out.reshape(b, h, 1, d)
