@@ -45,7 +45,7 @@ PRESETS = {
                  num_attention_heads=16, num_key_value_heads=16, mm_hidden_size=256),
         clip=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
                   num_attention_heads=4),
-        device="cpu", dtype="float32", batches=[1, 4], fullres_batches=[1], repeats=2),
+        device="cpu", dtype="float32", batches=[1, 4, 8], fullres_batches=[1], repeats=2),
     # LLaVA-1.5-7B and CLIP ViT-L/14-336 shapes, random weights, bf16
     "gpu-7b": dict(
         llm=dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
@@ -125,6 +125,7 @@ def run_variant(model, variant: str, images, batch: int, new_tokens: int, repeat
         "prompt_tokens": outs[0].prompt_tokens,
         "hr_selected_frac": statistics.mean(o.hr_selected_frac for o in outs),
         "tiles_encoded": statistics.mean(o.tiles_encoded for o in outs),
+        "hr_blocks_projected": statistics.mean(o.hr_blocks_projected for o in outs),
         "tflops_per_image": statistics.mean(c.total for c in costs) / 1e12,
         "tflops_parts": {k: statistics.mean(c.as_dict()[k] for c in costs) / 1e12
                          for k in ("vision", "prefill", "decode", "hr_kv")},
@@ -158,14 +159,14 @@ def ratios(rows: list[dict]) -> dict[str, float]:
 
 def markdown(rows: list[dict], rat: dict[str, float]) -> str:
     head = ("| variant | batch | ms/image | images/s | prefill ms | decode ms/token |"
-            " prompt tokens | selected frac | tiles | TFLOPs/image | peak GiB |")
-    lines = [head, "|" + "---|" * 11]
+            " prompt tokens | selected frac | tiles | blocks projected | TFLOPs/image | peak GiB |")
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         lines.append(
             f"| {r['variant']} | {r['batch']} | {r['ms_per_image']:.0f} | {r['images_per_s']:.2f}"
             f" | {r['prefill_ms']:.0f} | {r['decode_ms_per_token']:.1f} | {r['prompt_tokens']}"
             f" | {r['hr_selected_frac']:.3f} | {r['tiles_encoded']:.1f}"
-            f" | {r['tflops_per_image']:.3f} | {r['peak_mem_gib']:.2f} |")
+            f" | {r['hr_blocks_projected']:.0f} | {r['tflops_per_image']:.3f} | {r['peak_mem_gib']:.2f} |")
     lines += ["", "| ratio | value |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in rat.items()]
     return "\n".join(lines)
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{variant:22s} b={b:<3d} {r['ms_per_image']:9.0f} ms/image"
                   f"  prefill {r['prefill_ms']:8.0f} ms  decode {r['decode_ms_per_token']:7.1f}"
                   f" ms/token  sel {r['hr_selected_frac']:.3f}  tiles {r['tiles_encoded']:.1f}"
-                  f"  {r['tflops_per_image']:.3f} TFLOPs", flush=True)
+                  f"  blocks {r['hr_blocks_projected']:.0f}  {r['tflops_per_image']:.3f} TFLOPs", flush=True)
     rat = ratios(rows)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=ROOT).stdout.strip()
