@@ -1,9 +1,10 @@
 """Hierarchical self-attention (DESIGN.md section 3) and the per-generation FlexAttention state.
 
 Every position attends causally to the sequence through SDPA. The last query position of each
-forward step is computed explicitly in float32: its sequence-only softmax feeds the selection of
-the next layer, and in FlexAttention layers it also attends to the selected high-resolution keys
-(one softmax over sequence keys and selected keys together). High-resolution keys and values
+forward step is computed explicitly, with a float32 softmax and products in the model dtype: its
+sequence-only softmax feeds the selection of the next layer, and in FlexAttention layers it also
+attends to the selected high-resolution keys (one softmax over sequence keys and selected keys
+together). High-resolution keys and values
 never enter the sequence KV cache: they live in ``FlexState``'s per-block cache, projected once
 per image and layer when a block is first selected and reused at every later step.
 """
