@@ -85,6 +85,15 @@ def make_images(n: int, seed: int = 0) -> list[Image.Image]:
     return out
 
 
+def source_commit() -> str:
+    """HEAD's short hash, with ``+dirty`` when tracked files differ from it."""
+    def git(*cmd):
+        return subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=ROOT).stdout
+    head = git("rev-parse", "--short", "HEAD").strip()
+    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no").strip()
+                   else "")
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -184,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="JSON file for the results")
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
+    commit = source_commit()  # read before the run: the figures belong to this tree
     variants = args.variants.split(",")
     for v in variants:
         if v not in VARIANTS:
@@ -215,8 +225,6 @@ def main(argv: list[str] | None = None) -> int:
                   f" ms/token  sel {r['hr_selected_frac']:.3f}  tiles {r['tiles_encoded']:.1f}"
                   f"  blocks {r['hr_blocks_projected']:.0f}  {r['tflops_per_image']:.3f} TFLOPs", flush=True)
     rat = ratios(rows)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=ROOT).stdout.strip()
     device = (torch.cuda.get_device_name() if preset["device"] == "cuda"
               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     meta = {"preset": args.preset, "command": " ".join(["python", *sys.argv]), "commit": commit,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -94,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.images < 1:
         p.error("--images must be >= 1")
-    from model_bench import make_images
+    from model_bench import make_images, source_commit
+
+    commit = source_commit()  # read before the run: the figures belong to this tree
 
     from flexattn.testing import demo_model_path
 
@@ -108,8 +109,6 @@ def main(argv: list[str] | None = None) -> int:
                             args.cpus_per_actor, args.new_tokens)
         bare = bare_loop(folder, model_path, args.batch_size, args.new_tokens)
     ratio = pipe["images_per_s"] / bare["images_per_s"]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=ROOT).stdout.strip()
     result = {"command": " ".join(["python", *sys.argv]), "commit": commit,
               "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
               "batch_size": args.batch_size, "new_tokens": args.new_tokens,
