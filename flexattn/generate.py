@@ -16,6 +16,7 @@ from PIL import Image
 
 from .attention import FlexState, KVCache
 from .config import MODES, FlexAttnConfig
+from .flops import image_cost
 from .image import lowres_view, normalise, prepare_image, tiles
 from .model import LlavaFlexAttnForCausalLM
 from .selection import hr_rope_tables, margin_keep, to_blocks
@@ -39,6 +40,7 @@ class Generation:
     hr_blocks_projected: int = 0  # 8x8 blocks put through k_proj_hd/v_proj_hd, all layers
     logits: torch.Tensor | None = None  # [n_new, vocab] float32, when asked
     selection_map: list[float] | None = None  # layer s's map at the last step (576 values)
+    tflops: float | None = None  # analytical cost of this input (flexattn.flops), no image: None
     trace: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
@@ -300,6 +302,13 @@ class LlavaFlexAttn:
             tiles_per_sample = [full if im is not None else 0 for im in images]
         for i in range(b):
             has = images[i] is not None and flex is not None
+            cost = None
+            if images[i] is not None:
+                cost = image_cost(
+                    cfg, self.module.vision_config, mode, text_tokens=lengths[i] - n_img,
+                    new_tokens=len(tokens[i]), selected_frac=float(frac[i]) if has else 0.0,
+                    tiles=tiles_per_sample[i], blocks_projected=projected[i],
+                    reuse=cfg.hr_kv_reuse).total / 1e12
             trace = None
             if return_trace and trace_masks:
                 trace = {"block_masks": torch.stack([m[i] for m in trace_masks]).cpu(),
@@ -316,6 +325,7 @@ class LlavaFlexAttn:
                 else None,
                 tiles_encoded=tiles_per_sample[i],
                 hr_blocks_projected=projected[i],
+                tflops=cost,
                 trace=trace))
         return results
 

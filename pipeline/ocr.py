@@ -32,7 +32,7 @@ from PIL import Image
 
 from pipeline.decode import DecodeConfig, check_pixels, open_image
 from pipeline.inputs import read_table_file
-from pipeline.predict import SELECTION_MAP_FIELD
+from pipeline.predict import PREDICT_EXTRA_FIELDS
 from pipeline.tasks import Task
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ SCORE_FIELDS = (
     pa.field("word_edits", pa.int64()),
     pa.field("ref_words", pa.int64()),
 )
-OCR_FIELDS = (pa.field("page", pa.int32()), *SCORE_FIELDS, SELECTION_MAP_FIELD)
+OCR_FIELDS = (pa.field("page", pa.int32()), *SCORE_FIELDS, *PREDICT_EXTRA_FIELDS)
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,11 @@ MODEL_CACHE = Path(os.environ.get("FLEXATTN_MODEL_CACHE", "~/.cache/llava-flexat
 # before margin zeroing). Not in OUTPUT_SCHEMA: predict always adds it, and only tasks that
 # list it in `extra_fields` write it (for overlays: `pipeline.overlays`, `flexattn.viz`).
 SELECTION_MAP_FIELD = pa.field("selection_map", pa.list_(pa.float32()))
+# Analytical cost of the row's generation in TFLOPs (flexattn.flops: vision, prefill, decode,
+# high-res keys and values, from the row's own selection, tiles and projected blocks).
+TFLOPS_FIELD = pa.field("tflops", pa.float64())
+# Added by predict to every row, after the standard columns; tasks write those they list.
+PREDICT_EXTRA_FIELDS = (SELECTION_MAP_FIELD, TFLOPS_FIELD)
 
 
 # Test-only fault injection, inert unless set (tests/reliability/test_oom.py): with
@@ -230,7 +235,7 @@ class Predictor:
         todo = [i for i in range(n) if errors[i] is None]
         values: dict[str, list] = {f.name: [None] * n for f in PREDICTION_FIELDS}
         values["model"] = [self.model_id] * n
-        selection_maps: list = [None] * n
+        extras: dict[str, list] = {f.name: [None] * n for f in PREDICT_EXTRA_FIELDS}
         if todo:
             from PIL import Image
 
@@ -256,16 +261,17 @@ class Predictor:
                 values["hr_cells"][i] = [bool(v) for v in gen.hr_cells]
                 values["prefill_ms"][i] = float(gen.prefill_ms)
                 values["decode_ms"][i] = float(gen.decode_ms)
-                selection_maps[i] = gen.selection_map
+                extras["selection_map"][i] = gen.selection_map
+                extras["tflops"][i] = gen.tflops
         out = batch.drop_columns([IMAGE, "error", "error_stage"])
         for field in PREDICTION_FIELDS:
             if field.name in out.column_names:
                 out = out.drop_columns([field.name])
             out = out.append_column(field, pa.array(values[field.name], field.type))
-        if SELECTION_MAP_FIELD.name in out.column_names:
-            out = out.drop_columns([SELECTION_MAP_FIELD.name])
-        out = out.append_column(SELECTION_MAP_FIELD,
-                                pa.array(selection_maps, SELECTION_MAP_FIELD.type))
+        for field in PREDICT_EXTRA_FIELDS:
+            if field.name in out.column_names:
+                out = out.drop_columns([field.name])
+            out = out.append_column(field, pa.array(extras[field.name], field.type))
         out = out.append_column("error", pa.array(errors, pa.string()))
         out = out.append_column("error_stage", pa.array(stages, pa.string()))
         logger.info(

@@ -36,7 +36,7 @@ import unicodedata
 import pyarrow as pa
 
 from pipeline.inputs import read_manifest
-from pipeline.predict import SELECTION_MAP_FIELD
+from pipeline.predict import PREDICT_EXTRA_FIELDS
 from pipeline.storage import open_fs, to_uri
 from pipeline.tasks import Task
 
@@ -58,7 +58,7 @@ RSVQA_FIELDS = (
     pa.field("answer_normalized", pa.string()),
     pa.field("truth_normalized", pa.string()),
     pa.field("correct", pa.bool_()),
-    SELECTION_MAP_FIELD,
+    *PREDICT_EXTRA_FIELDS,
 )
 
 

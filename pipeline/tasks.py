@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from pipeline.decode import Expand
-from pipeline.predict import SELECTION_MAP_FIELD
+from pipeline.predict import PREDICT_EXTRA_FIELDS
 
 
 @dataclass(frozen=True)
@@ -41,5 +41,5 @@ class Task:
 CAPTION = Task(
     name="caption",
     default_prompt="Describe this remote sensing image in detail.",
-    extra_fields=(SELECTION_MAP_FIELD,),  # for --save-overlays' heat map
+    extra_fields=PREDICT_EXTRA_FIELDS,  # selection_map for --save-overlays' heat map; tflops
 )

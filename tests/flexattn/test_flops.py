@@ -48,3 +48,22 @@ def test_flexattn_costs_less_than_fullres_at_7b_shapes():
     assert low < flex < full
     assert full / flex > 4  # ~5800 vs ~640 sequence tokens
     assert flex / low < 1.6  # nine more CLIP crops and the high-res projections
+
+
+def test_each_generation_carries_its_cost(golden_model):
+    """`Generation.tflops` (the pipeline's `tflops` column) is the cost model applied to that
+    input's own prompt length, answer length, selection, tiles and projected blocks."""
+    image, _ = golden_case(CASES[1])
+    text = len(golden_model.tokenizer.encode_prompt(PROMPT)) - 1
+    cfg, vc = golden_model.config, golden_model.module.vision_config
+    got = {}
+    for mode in ("lowres", "flexattn", "fullres"):
+        [out] = golden_model.generate([image], [PROMPT], max_new_tokens=3, mode=mode)
+        want = image_cost(cfg, vc, mode, text, out.generated_tokens,
+                          selected_frac=out.hr_selected_frac, tiles=out.tiles_encoded,
+                          blocks_projected=out.hr_blocks_projected).total / 1e12
+        assert out.tflops == pytest.approx(want, rel=1e-9)
+        got[mode] = out.tflops
+    assert got["lowres"] < got["flexattn"] < got["fullres"]
+    [text_only] = golden_model.generate([None], ["Hello there"], max_new_tokens=2)
+    assert text_only.tflops is None

@@ -58,10 +58,12 @@ def _check_output(table, summary, names):
     rows = {r["id"]: r for r in table.to_pylist()}
     assert rows["scene9_corrupt.jpg"]["error_stage"] == "decode"
     assert rows["scene9_corrupt.jpg"]["answer"] is None
+    assert rows["scene9_corrupt.jpg"]["tflops"] is None
     for name in names[:-1]:
         assert rows[name]["error"] is None, rows[name]["error"]
         assert rows[name]["answer"] is not None and rows[name]["generated_tokens"] >= 1
         assert len(rows[name]["hr_cells"]) == 81
+        assert rows[name]["tflops"] > 0  # analytical cost of the row (flexattn.flops)
     assert rows["scene1.png"]["width"] == 640 and rows["scene1.png"]["height"] == 1000
     assert summary["rows_written"] == len(names) and summary["errors_by_stage"] == {"decode": 1}
 
