@@ -139,7 +139,8 @@ class FlexState:
         bool, N = 64 * (most blocks selected by one sample). Values are not projected here:
         sum_t p_t (W_V' f_t) = W_V' (sum_t p_t f_t), so the caller mixes the features first.
         Keys of blocks selected for the first time are projected (``k_proj_hd`` plus the
-        interpolated rotary embedding) and cached for later steps of the same image."""
+        interpolated rotary embedding) and cached for later steps of the same image; with
+        ``hr_kv_prefetch``, all blocks of an image are projected at its first use."""
         cfg = self.cfg
         mask = self.block_mask
         assert mask is not None and self.hr_blocks is not None
@@ -153,7 +154,9 @@ class FlexState:
                 self.computed[layer_idx] = torch.zeros(b, nblk, dtype=torch.bool,
                                                        device=mask.device)
             hr_k, done = self.hr_k[layer_idx], self.computed[layer_idx]
-            need = mask & ~done
+            # prefetch: the first use projects every block of each image
+            want = self.has_image.view(-1, 1).expand_as(mask) if cfg.hr_kv_prefetch else mask
+            need = want & ~done
             if need.any():
                 self.ensure_tiles(need)
                 bi, ki = need.nonzero(as_tuple=True)

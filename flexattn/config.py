@@ -48,6 +48,10 @@ class FlexAttnConfig:
     # cost switches (outputs are the same either way, up to float rounding)
     lazy_tiles: bool = True  # encode a 336 tile only when one of its cells is first selected
     hr_kv_reuse: bool = True  # project each high-res block once per image and layer
+    # project every block of an image in its first step (one large product per layer) instead
+    # of when each is first selected: more work when the selection stays in one area, but no
+    # projection while decoding; implies all tiles (needs hr_kv_reuse)
+    hr_kv_prefetch: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # anything else from the checkpoint
 
     def __post_init__(self) -> None:
@@ -88,6 +92,9 @@ class FlexAttnConfig:
         if self.pool_grid % self.zoom_ratio:
             raise ValueError(f"pool_grid ({self.pool_grid}) must be a multiple of zoom_ratio"
                              f" ({self.zoom_ratio}) so that cells do not straddle tiles")
+        if self.hr_kv_prefetch and not self.hr_kv_reuse:
+            raise ValueError("hr_kv_prefetch needs hr_kv_reuse (prefetched keys are kept for"
+                             " reuse)")
         if self.mm_projector_type != "mlp2x_gelu":
             raise ValueError(f"unsupported mm_projector_type {self.mm_projector_type!r}"
                              " (only mlp2x_gelu is implemented)")

@@ -150,6 +150,8 @@ def test_lazy_tiles_and_kv_reuse_do_not_change_outputs():
         for reuse in (True, False):
             m = load_model(GOLDEN_MODEL, device="cpu", lazy_tiles=lazy, hr_kv_reuse=reuse)
             variants[lazy, reuse] = m.generate(images, prompts, **kw)
+    prefetch = load_model(GOLDEN_MODEL, device="cpu", hr_kv_prefetch=True)
+    variants["prefetch"] = prefetch.generate(images, prompts, **kw)
     base = variants[False, False]  # eager tiles, projections recomputed at every step
     for key, outs in variants.items():
         for a, b in zip(base, outs):
@@ -161,6 +163,11 @@ def test_lazy_tiles_and_kv_reuse_do_not_change_outputs():
         # with reuse: each (layer, block) at most once
         assert b.hr_blocks_projected <= 3 * 81
     assert all(o.tiles_encoded == 9 for o in variants[False, True])
+    # prefetch: every block of every image projected once, in the first step; none later
+    assert all(o.hr_blocks_projected == 3 * 81 and o.tiles_encoded == 9
+               for o in variants["prefetch"])
+    with pytest.raises(ValueError, match="hr_kv_prefetch needs hr_kv_reuse"):
+        prefetch.configure(hr_kv_reuse=False)
     lazy = variants[True, True]
     for o in lazy:  # exactly the tiles holding a used cell were encoded
         cells = o.trace["block_masks"][:, :3].any(0).any(0).view(3, 3, 3, 3)
