@@ -2,6 +2,7 @@
 on the same images, already decoded.
 
     python bench/pipeline_bench.py                       # tiny demo model, local Ray, CPU
+    python bench/pipeline_bench.py --images 192,384,768  # several job sizes, one after another
 
 The pipeline's figure is the whole run (listing, decoding, actor start-up and model load,
 generation, Parquet writes) from the run summary. The bare loop is what a plain script does
@@ -81,7 +82,8 @@ def pipeline_run(folder: Path, out: Path, model_path: str, batch: int, actors: i
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=192)
+    p.add_argument("--images", default="192",
+                   help="comma-separated job sizes, each run end to end (e.g. 192,384,768)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--actors", type=int, default=2)
     p.add_argument("--cpus-per-actor", type=float, default=0.5,
@@ -91,7 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="checkpoint directory (default: the tiny demo model)")
     p.add_argument("--out", type=Path, help="JSON file for the results")
     args = p.parse_args(argv)
-    if args.images < 1:
+    try:
+        sizes = [int(n) for n in args.images.split(",")]
+    except ValueError:
+        p.error(f"--images must be comma-separated integers, got {args.images!r}")
+    if min(sizes) < 1:
         p.error("--images must be >= 1")
     from model_bench import make_images, source_commit
 
@@ -100,26 +106,27 @@ def main(argv: list[str] | None = None) -> int:
     from flexattn.testing import demo_model_path
 
     model_path = args.model or str(demo_model_path())
-    with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as tmp:
-        folder = Path(tmp) / "images"
-        folder.mkdir()
-        for i, im in enumerate(make_images(args.images, seed=1)):
-            im.save(folder / f"img_{i:04d}.jpg", quality=90)
-        pipe = pipeline_run(folder, Path(tmp) / "out", model_path, args.batch_size, args.actors,
-                            args.cpus_per_actor, args.new_tokens)
-        bare = bare_loop(folder, model_path, args.batch_size, args.new_tokens)
-    ratio = pipe["images_per_s"] / bare["images_per_s"]
+    runs = []
+    for n in sizes:
+        with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as tmp:
+            folder = Path(tmp) / "images"
+            folder.mkdir()
+            for i, im in enumerate(make_images(n, seed=1)):
+                im.save(folder / f"img_{i:04d}.jpg", quality=90)
+            pipe = pipeline_run(folder, Path(tmp) / "out", model_path, args.batch_size,
+                                args.actors, args.cpus_per_actor, args.new_tokens)
+            bare = bare_loop(folder, model_path, args.batch_size, args.new_tokens)
+        ratio = pipe["images_per_s"] / bare["images_per_s"]
+        runs.append({"images": n, "pipeline": pipe, "bare_loop": bare, "ratio": ratio})
+        print(f"{n} images: pipeline {pipe['wall_s']:.1f} s = {pipe['images_per_s']:.2f} images/s"
+              f" ({args.actors} actors, end to end); bare loop {bare['wall_s']:.1f} s ="
+              f" {bare['images_per_s']:.2f} images/s (decode {bare['decode_s']:.1f} s + generate"
+              f" {bare['generate_s']:.1f} s; generation alone"
+              f" {bare['generate_only_images_per_s']:.2f} images/s); ratio {ratio:.2f}",
+              flush=True)
     result = {"command": " ".join(["python", *sys.argv]), "commit": commit,
               "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
-              "batch_size": args.batch_size, "new_tokens": args.new_tokens,
-              "pipeline": pipe, "bare_loop": bare, "ratio": ratio}
-    print(f"pipeline  {pipe['images']} images in {pipe['wall_s']:.1f} s"
-          f" = {pipe['images_per_s']:.2f} images/s ({args.actors} actors, end to end)")
-    print(f"bare loop {bare['images']} images in {bare['wall_s']:.1f} s"
-          f" = {bare['images_per_s']:.2f} images/s (decode {bare['decode_s']:.1f} s +"
-          f" generate {bare['generate_s']:.1f} s; generation alone"
-          f" {bare['generate_only_images_per_s']:.2f} images/s)")
-    print(f"ratio pipeline / bare loop: {ratio:.2f}")
+              "batch_size": args.batch_size, "new_tokens": args.new_tokens, "runs": runs}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))
