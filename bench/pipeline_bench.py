@@ -57,6 +57,44 @@ def bare_loop(folder: Path, model_path: str, batch: int, new_tokens: int) -> dic
             "torch_threads": torch.get_num_threads()}
 
 
+def cpu_seconds_by_process() -> dict[int, tuple[str, float]]:
+    """pid -> (process title, user + system CPU seconds so far), from /proc (Linux only;
+    empty elsewhere). Ray names its workers ``ray::<actor or task>``."""
+    out = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else []):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:  # the process ended meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[int(pid)] = (title, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def cpu_breakdown(before: dict, after: dict) -> dict[str, float]:
+    """CPU seconds spent between two snapshots, grouped: the model actors, the decode workers,
+    the driver, Ray's own processes and anything else."""
+    groups: dict[str, float] = {}
+    for pid, (title, cpu) in after.items():
+        spent = cpu - before.get(pid, ("", 0.0))[1]
+        if spent <= 0:
+            continue
+        if "Predictor" in title:
+            group = "model actors"
+        elif title.startswith("ray::IDLE") or "decode" in title:
+            group = "decode workers (ray::IDLE between tasks)"
+        elif pid == os.getpid():
+            group = "driver"
+        elif title.startswith("ray::") or "/ray/" in title:
+            group = "Ray processes (raylet, GCS, Ray Data's actors)"
+        else:
+            group = "other"
+        groups[group] = groups.get(group, 0.0) + spent
+    return {k: round(v, 1) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])}
+
+
 def pipeline_run(folder: Path, out: Path, model_path: str, batch: int, actors: int,
                  cpus_per_actor: float, new_tokens: int) -> dict:
     import pyarrow.parquet as pq
@@ -66,17 +104,19 @@ def pipeline_run(folder: Path, out: Path, model_path: str, batch: int, actors: i
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
+        before = cpu_seconds_by_process()
         summary = run(JobConfig(input=str(folder), output=str(out), model=model_path,
                                 batch_size=batch, actors=(actors, actors),
                                 cpus_per_actor=cpus_per_actor,
                                 max_new_tokens=new_tokens, overwrite=True))
+        cpu = cpu_breakdown(before, cpu_seconds_by_process())  # before Ray's workers exit
     finally:
         ray.shutdown()
     rows = pq.read_table(out, columns=["id", "error"]).to_pylist()
     assert len(rows) == summary.rows_listed and not any(r["error"] for r in rows), rows[:3]
     return {"images": summary.rows_written, "wall_s": summary.elapsed_s,
             "images_per_s": summary.images_per_s, "actors": actors,
-            "cpus_per_actor": cpus_per_actor}
+            "cpus_per_actor": cpus_per_actor, "cpu_s": cpu}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
               f" {bare['generate_s']:.1f} s; generation alone"
               f" {bare['generate_only_images_per_s']:.2f} images/s); ratio {ratio:.2f}",
               flush=True)
+        print(f"  pipeline CPU seconds: {pipe['cpu_s']} ({sum(pipe['cpu_s'].values()):.1f} of"
+              f" {os.cpu_count() * pipe['wall_s']:.1f} available)", flush=True)
     result = {"command": " ".join(["python", *sys.argv]), "commit": commit,
               "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
               "batch_size": args.batch_size, "new_tokens": args.new_tokens, "runs": runs}
