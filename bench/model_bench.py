@@ -91,12 +91,14 @@ def make_images(n: int, seed: int = 0) -> list[Image.Image]:
 
 
 def source_commit() -> str:
-    """HEAD's short hash, with ``+dirty`` when tracked files differ from it."""
+    """HEAD's short hash, with ``+dirty`` when tracked files other than benchmark results
+    (``bench/results/``, ``bench/RESULTS.md``) differ from it."""
     def git(*cmd):
         return subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=ROOT).stdout
     head = git("rev-parse", "--short", "HEAD").strip()
-    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no").strip()
-                   else "")
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                  ":(exclude)bench/results", ":(exclude)bench/RESULTS.md").strip()
+    return head + ("+dirty" if changed else "")
 
 
 def sync(device: torch.device) -> None:

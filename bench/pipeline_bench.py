@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -73,6 +74,28 @@ def cpu_seconds_by_process() -> dict[int, tuple[str, float]]:
     return out
 
 
+class CpuSampler(threading.Thread):
+    """Samples every process's CPU seconds twice a second, so processes that exit before the
+    run ends (Ray Data stops its actors as soon as they are done) are still counted, up to
+    their last half second."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.before = cpu_seconds_by_process()
+        self.latest = dict(self.before)
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(0.5):
+            self.latest.update(cpu_seconds_by_process())
+
+    def finish(self) -> dict[str, float]:
+        self._stop_event.set()
+        self.join()
+        self.latest.update(cpu_seconds_by_process())
+        return cpu_breakdown(self.before, self.latest)
+
+
 def cpu_breakdown(before: dict, after: dict) -> dict[str, float]:
     """CPU seconds spent between two snapshots, grouped: the model actors, the decode workers,
     the driver, Ray's own processes and anything else."""
@@ -104,12 +127,13 @@ def pipeline_run(folder: Path, out: Path, model_path: str, batch: int, actors: i
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
-        before = cpu_seconds_by_process()
+        sampler = CpuSampler()
+        sampler.start()
         summary = run(JobConfig(input=str(folder), output=str(out), model=model_path,
                                 batch_size=batch, actors=(actors, actors),
                                 cpus_per_actor=cpus_per_actor,
                                 max_new_tokens=new_tokens, overwrite=True))
-        cpu = cpu_breakdown(before, cpu_seconds_by_process())  # before Ray's workers exit
+        cpu = sampler.finish()
     finally:
         ray.shutdown()
     rows = pq.read_table(out, columns=["id", "error"]).to_pylist()
