@@ -163,7 +163,7 @@ def test_lazy_tiles_and_kv_reuse_do_not_change_outputs():
         # with reuse: each (layer, block) at most once
         assert b.hr_blocks_projected <= 3 * 81
     assert all(o.tiles_encoded == 9 for o in variants[False, True])
-    # prefetch: every block of every image projected once, in the first step; none later
+    # prefetch: every (layer, block) of every image projected exactly once
     assert all(o.hr_blocks_projected == 3 * 81 and o.tiles_encoded == 9
                for o in variants["prefetch"])
     with pytest.raises(ValueError, match="hr_kv_prefetch needs hr_kv_reuse"):
