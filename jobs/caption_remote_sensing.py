@@ -23,9 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # a plain checkout, not pip-installed
     sys.path.insert(0, str(REPO))
 
-from jobs.common import add_job_arguments, job_config, start
+from jobs.common import add_job_arguments, finish, job_config, start
 from pipeline import CAPTION, JobConfig, run
-from pipeline.overlays import save_overlays
 
 DEFAULT_INPUT = str(REPO / "samples" / "remote_sensing")
 DEFAULT_OUTPUT = "outputs/caption_remote_sensing"
@@ -51,15 +50,7 @@ def parse_config(argv: list[str] | None = None) -> tuple[JobConfig, argparse.Nam
 def main(argv: list[str] | None = None) -> int:
     config, args = parse_config(argv)
     start(args)  # logging; Ray from RAY_ADDRESS (ray job submit) or a local instance
-    summary = run(config)
-    print()
-    print(summary.format_table())
-    if args.save_overlays:
-        written = save_overlays(config.output, args.save_overlays, config.task.expand,
-                                config.decode_config())
-        print(f"{len(written)} overlay(s) under {config.output}/_overlays")
-    print(f"Parquet and _summary.json under {config.output}")
-    return 0
+    return finish(config, args, run(config))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 import logging
 
-from pipeline import JobConfig, Task
+from pipeline import JobConfig, RunSummary, Task
 from pipeline.storage import redact_secrets_in_logs
 
 
@@ -98,3 +98,29 @@ def start(args: argparse.Namespace) -> None:
 
     if not ray.is_initialized():
         ray.init()
+
+
+def finish(config: JobConfig, args: argparse.Namespace, summary: RunSummary,
+           report: tuple[str, str, dict, str, list] | None = None) -> int:
+    """After the run: with `report` = (name, title, scores, markdown, table rows), write
+    OUTPUT/_<name>.json and .md; print the run summary and the report's table; draw
+    --save-overlays; say where the results are. Returns the job's exit status."""
+    from pipeline.overlays import save_overlays
+    from pipeline.report import format_table, write_report
+
+    files = "Parquet and _summary.json"
+    if report is not None:
+        name, title, scores, markdown, rows = report
+        json_uri, _ = write_report(config.output, name, scores, markdown)
+        files = f"Parquet, _summary.json and {json_uri.rsplit('/', 1)[-1]} (+ .md)"
+    print()
+    print(summary.format_table())
+    if report is not None:
+        print()
+        print(format_table(title, rows))
+    if args.save_overlays:
+        written = save_overlays(config.output, args.save_overlays, config.task.expand,
+                                config.decode_config())
+        print(f"{len(written)} overlay(s) under {config.output}/_overlays")
+    print(f"{files} under {config.output}")
+    return 0

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # a plain checkout, not pip-installed
     sys.path.insert(0, str(REPO))
 
-from jobs.common import add_job_arguments, job_config, start
+from jobs.common import add_job_arguments, finish, job_config, start
 from pipeline import JobConfig, run
 from pipeline.ocr import (
     DEFAULT_DPI,
@@ -37,8 +37,6 @@ from pipeline.ocr import (
     summarize,
     summary_rows,
 )
-from pipeline.overlays import save_overlays
-from pipeline.report import format_table, write_report
 from pipeline.resume import read_output
 
 DEFAULT_INPUT = str(REPO / "samples" / "documents")
@@ -84,18 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     start(args)
     summary = run(config)
     scores = summarize(read_output(config.output, columns=SUMMARY_COLUMNS), truths)
-    json_uri, _ = write_report(config.output, "ocr_summary", scores, format_markdown(scores))
-    print()
-    print(summary.format_table())
-    print()
-    print(format_table("OCR summary", summary_rows(scores)))
-    if args.save_overlays:
-        written = save_overlays(config.output, args.save_overlays, config.task.expand,
-                                config.decode_config())
-        print(f"{len(written)} overlay(s) under {config.output}/_overlays")
-    print(f"Parquet, _summary.json and {json_uri.rsplit('/', 1)[-1]} (+ .md) under "
-          f"{config.output}")
-    return 0
+    return finish(config, args, summary, ("ocr_summary", "OCR summary", scores,
+                                          format_markdown(scores), summary_rows(scores)))
 
 
 if __name__ == "__main__":

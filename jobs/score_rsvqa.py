@@ -29,10 +29,8 @@ if str(REPO) not in sys.path:  # a plain checkout, not pip-installed
 
 import pyarrow.parquet as pq
 
-from jobs.common import add_job_arguments, job_config, start
+from jobs.common import add_job_arguments, finish, job_config, start
 from pipeline import JobConfig, run
-from pipeline.overlays import save_overlays
-from pipeline.report import format_table, write_report
 from pipeline.resume import read_output
 from pipeline.rsvqa import (
     format_markdown,
@@ -97,17 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = run(asked)
     scores = summarize(read_output(config.output, columns=["question_type", "correct", "error"]),
                        args.count_bins)
-    json_uri, _ = write_report(config.output, "rsvqa_scores", scores, format_markdown(scores))
-    print()
-    print(summary.format_table())
-    print()
-    print(format_table("RSVQA scores", summary_rows(scores)))
-    if args.save_overlays:
-        written = save_overlays(config.output, args.save_overlays)
-        print(f"{len(written)} overlay(s) under {config.output}/_overlays")
-    print(f"Parquet, _summary.json and {json_uri.rsplit('/', 1)[-1]} (+ .md) under "
-          f"{config.output}")
-    return 0
+    return finish(config, args, summary, ("rsvqa_scores", "RSVQA scores", scores,
+                                          format_markdown(scores), summary_rows(scores)))
 
 
 if __name__ == "__main__":
