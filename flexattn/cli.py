@@ -87,39 +87,35 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_input_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    """The flags `_load_inputs` reads (model, image, prompt) and the answer length."""
+    p.add_argument("--model", required=True, help="checkpoint directory (any layout)")
+    p.add_argument("--vision-tower", help="CLIP tower directory (overrides mm_vision_tower)")
+    p.add_argument("--image", required=True, help="image file")
+    p.add_argument("--prompt", required=True, help="question, or a full prompt holding <image>")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--mode", choices=MODES, default="flexattn")
+    p.add_argument("--threshold", type=float, help="selection threshold (0-255)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flexattn", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="answer one prompt about one image")
-    g.add_argument("--model", required=True, help="checkpoint directory (any layout)")
-    g.add_argument("--vision-tower", help="CLIP tower directory (overrides mm_vision_tower)")
-    g.add_argument("--image", required=True, help="image file")
-    g.add_argument("--prompt", required=True,
-                   help="question, or a full prompt holding <image>")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--mode", choices=MODES, default="flexattn")
-    g.add_argument("--threshold", type=float, help="selection threshold (0-255)")
+    _add_input_flags(g, max_new_tokens=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int)
-    g.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--json", action="store_true", help="print one JSON object")
     g.set_defaults(func=_generate)
     v = sub.add_parser("viz", help="answer one prompt and draw the selected cells and the"
                        " last selection map over the image as PNG")
-    v.add_argument("--model", required=True, help="checkpoint directory (any layout)")
-    v.add_argument("--vision-tower", help="CLIP tower directory (overrides mm_vision_tower)")
-    v.add_argument("--image", required=True, help="image file")
-    v.add_argument("--prompt", required=True, help="question, or a full prompt holding <image>")
+    _add_input_flags(v, max_new_tokens=16)
     v.add_argument("--out", required=True, help="PNG to write")
-    v.add_argument("--max-new-tokens", type=int, default=16)
     v.add_argument("--max-side", type=int, default=1024, help="long side of the PNG at most")
-    v.add_argument("--mode", choices=MODES, default="flexattn")
-    v.add_argument("--threshold", type=float, help="selection threshold (0-255)")
-    v.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
-    v.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     v.add_argument("--json", action="store_true",
                    help="print one JSON object (answer, hr_cells, selection_map)")
     v.set_defaults(func=_viz)
