@@ -66,7 +66,8 @@ def cpu_seconds_by_process() -> dict[int, tuple[str, float]]:
     for pid in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else []):
         try:
             stat = Path(f"/proc/{pid}/stat").read_text()
-            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+            title = argv0.decode(errors="replace")
         except OSError:  # the process ended meanwhile
             continue
         fields = stat[stat.rindex(")") + 2:].split()

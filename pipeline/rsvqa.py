@@ -69,7 +69,9 @@ ARTICLES = {"a", "an", "the"}
 YES_WORDS = {"yes", "yeah", "yep", "true", "correct"}
 NO_WORDS = {"no", "nope", "false", "incorrect"}
 UNITS = {w: i for i, w in enumerate(
-    ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"])}
+    ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+     "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",
+     "nineteen"])}
 TENS = {w: 10 * i for i, w in enumerate(
     ["twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"], start=2)}
 SCALES = {"hundred": 100, "thousand": 1000, "million": 1_000_000}
