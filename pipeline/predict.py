@@ -233,9 +233,9 @@ class Predictor:
             if errors[i] is None and not (questions[i] or "").strip():
                 errors[i], stages[i] = EMPTY_QUESTION_ERROR, STAGE
         todo = [i for i in range(n) if errors[i] is None]
-        values: dict[str, list] = {f.name: [None] * n for f in PREDICTION_FIELDS}
+        fields = (*PREDICTION_FIELDS, *PREDICT_EXTRA_FIELDS)
+        values: dict[str, list] = {f.name: [None] * n for f in fields}
         values["model"] = [self.model_id] * n
-        extras: dict[str, list] = {f.name: [None] * n for f in PREDICT_EXTRA_FIELDS}
         if todo:
             from PIL import Image
 
@@ -261,17 +261,13 @@ class Predictor:
                 values["hr_cells"][i] = [bool(v) for v in gen.hr_cells]
                 values["prefill_ms"][i] = float(gen.prefill_ms)
                 values["decode_ms"][i] = float(gen.decode_ms)
-                extras["selection_map"][i] = gen.selection_map
-                extras["tflops"][i] = gen.tflops
+                values["selection_map"][i] = gen.selection_map
+                values["tflops"][i] = gen.tflops
         out = batch.drop_columns([IMAGE, "error", "error_stage"])
-        for field in PREDICTION_FIELDS:
+        for field in fields:
             if field.name in out.column_names:
                 out = out.drop_columns([field.name])
             out = out.append_column(field, pa.array(values[field.name], field.type))
-        for field in PREDICT_EXTRA_FIELDS:
-            if field.name in out.column_names:
-                out = out.drop_columns([field.name])
-            out = out.append_column(field, pa.array(extras[field.name], field.type))
         out = out.append_column("error", pa.array(errors, pa.string()))
         out = out.append_column("error_stage", pa.array(stages, pa.string()))
         logger.info(
