@@ -57,19 +57,14 @@ def _scaled_size(width: int, height: int, scale: float) -> tuple[int, int]:
 
 
 def margin_zeroed(selection_map: np.ndarray, width: int, height: int) -> np.ndarray:
-    """The map as selection sees it: rows (w > h) or columns (h > w) that padding covers set to
-    0, m = int((|w - h| // 2) / max(w, h) * G) on each side (``selection.margin_keep``)."""
-    grid = selection_map.shape[0]
-    out = selection_map.astype(np.float32).copy()
-    m = int((abs(width - height) // 2) / max(width, height) * grid)
-    if m:
-        if width > height:
-            out[:m, :] = 0
-            out[grid - m:, :] = 0
-        else:
-            out[:, :m] = 0
-            out[:, grid - m:] = 0
-    return out
+    """The map as selection sees it: the rows (w > h) or columns (h > w) that padding covers
+    set to 0 (``selection.margin_keep``)."""
+    import torch
+
+    from .selection import margin_keep
+
+    keep = margin_keep(torch.tensor([[width, height]]), selection_map.shape[0])[0].numpy()
+    return selection_map.astype(np.float32) * keep
 
 
 def heat_rgba(selection_map: Sequence[float], width: int, height: int,
