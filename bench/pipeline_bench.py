@@ -4,6 +4,8 @@ on the same images, already decoded.
     python bench/pipeline_bench.py                       # tiny demo model, local Ray, CPU
     python bench/pipeline_bench.py --images 192,384,768  # several job sizes, one after another
 
+Each size runs the pipeline in both layouts (`--layouts`): `separate`, the default, decodes in
+CPU tasks beside the actors; `in-actors` (`--decode-in-actors`) decodes inside the model actors.
 The pipeline's figure is the whole run (listing, decoding, actor start-up and model load,
 generation, Parquet writes) from the run summary. The bare loop is what a plain script does
 with the same model and the pipeline's own decode code: read and decode each batch, then
@@ -119,8 +121,11 @@ def cpu_breakdown(before: dict, after: dict) -> dict[str, float]:
     return {k: round(v, 1) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])}
 
 
+LAYOUTS = {"separate": False, "in-actors": True}  # name -> JobConfig.decode_in_actors
+
+
 def pipeline_run(folder: Path, out: Path, model_path: str, batch: int, actors: int,
-                 cpus_per_actor: float, new_tokens: int) -> dict:
+                 cpus_per_actor: float, new_tokens: int, decode_in_actors: bool) -> dict:
     import pyarrow.parquet as pq
     import ray
 
@@ -133,7 +138,8 @@ def pipeline_run(folder: Path, out: Path, model_path: str, batch: int, actors: i
         summary = run(JobConfig(input=str(folder), output=str(out), model=model_path,
                                 batch_size=batch, actors=(actors, actors),
                                 cpus_per_actor=cpus_per_actor,
-                                max_new_tokens=new_tokens, overwrite=True))
+                                max_new_tokens=new_tokens, overwrite=True,
+                                decode_in_actors=decode_in_actors))
         cpu = sampler.finish()
     finally:
         ray.shutdown()
@@ -141,7 +147,7 @@ def pipeline_run(folder: Path, out: Path, model_path: str, batch: int, actors: i
     assert len(rows) == summary.rows_listed and not any(r["error"] for r in rows), rows[:3]
     return {"images": summary.rows_written, "wall_s": summary.elapsed_s,
             "images_per_s": summary.images_per_s, "actors": actors,
-            "cpus_per_actor": cpus_per_actor, "cpu_s": cpu}
+            "cpus_per_actor": cpus_per_actor, "decode_in_actors": decode_in_actors, "cpu_s": cpu}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="CPUs each actor holds (Ray gives it that many torch threads, at least"
                         " one); the rest decode")
     p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--layouts", default=",".join(LAYOUTS),
+                   help=f"comma-separated pipeline layouts to run, of {', '.join(LAYOUTS)}"
+                        " (default: all)")
     p.add_argument("--model", help="checkpoint directory (default: the tiny demo model)")
     p.add_argument("--out", type=Path, help="JSON file for the results")
     args = p.parse_args(argv)
@@ -164,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--images must be comma-separated integers, got {args.images!r}")
     if min(sizes) < 1:
         p.error("--images must be >= 1")
+    layouts = args.layouts.split(",")
+    if not layouts or any(name not in LAYOUTS for name in layouts):
+        p.error(f"--layouts must be a comma-separated list of {', '.join(LAYOUTS)},"
+                f" got {args.layouts!r}")
     from model_bench import make_images, source_commit
 
     commit = source_commit()  # read before the run: the figures belong to this tree
@@ -178,19 +191,22 @@ def main(argv: list[str] | None = None) -> int:
             folder.mkdir()
             for i, im in enumerate(make_images(n, seed=1)):
                 im.save(folder / f"img_{i:04d}.jpg", quality=90)
-            pipe = pipeline_run(folder, Path(tmp) / "out", model_path, args.batch_size,
-                                args.actors, args.cpus_per_actor, args.new_tokens)
+            pipes = {name: pipeline_run(folder, Path(tmp) / f"out-{name}", model_path,
+                                        args.batch_size, args.actors, args.cpus_per_actor,
+                                        args.new_tokens, LAYOUTS[name])
+                     for name in layouts}
             bare = bare_loop(folder, model_path, args.batch_size, args.new_tokens)
-        ratio = pipe["images_per_s"] / bare["images_per_s"]
-        runs.append({"images": n, "pipeline": pipe, "bare_loop": bare, "ratio": ratio})
-        print(f"{n} images: pipeline {pipe['wall_s']:.1f} s = {pipe['images_per_s']:.2f} images/s"
-              f" ({args.actors} actors, end to end); bare loop {bare['wall_s']:.1f} s ="
-              f" {bare['images_per_s']:.2f} images/s (decode {bare['decode_s']:.1f} s + generate"
-              f" {bare['generate_s']:.1f} s; generation alone"
-              f" {bare['generate_only_images_per_s']:.2f} images/s); ratio {ratio:.2f}",
-              flush=True)
-        print(f"  pipeline CPU seconds: {pipe['cpu_s']} ({sum(pipe['cpu_s'].values()):.1f} of"
-              f" {os.cpu_count() * pipe['wall_s']:.1f} available)", flush=True)
+        ratios = {name: pipe["images_per_s"] / bare["images_per_s"] for name, pipe in pipes.items()}
+        runs.append({"images": n, "pipeline": pipes, "bare_loop": bare, "ratio": ratios})
+        print(f"{n} images: bare loop {bare['wall_s']:.1f} s = {bare['images_per_s']:.2f} images/s"
+              f" (decode {bare['decode_s']:.1f} s + generate {bare['generate_s']:.1f} s;"
+              f" generation alone {bare['generate_only_images_per_s']:.2f} images/s)", flush=True)
+        for name, pipe in pipes.items():
+            print(f"  pipeline, decode {name}: {pipe['wall_s']:.1f} s ="
+                  f" {pipe['images_per_s']:.2f} images/s ({args.actors} actors, end to end);"
+                  f" ratio {ratios[name]:.2f}", flush=True)
+            print(f"    CPU seconds: {pipe['cpu_s']} ({sum(pipe['cpu_s'].values()):.1f} of"
+                  f" {os.cpu_count() * pipe['wall_s']:.1f} available)", flush=True)
     result = {"command": " ".join(["python", *sys.argv]), "commit": commit,
               "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
               "batch_size": args.batch_size, "new_tokens": args.new_tokens, "runs": runs}

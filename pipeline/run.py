@@ -64,6 +64,10 @@ class JobConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     image_size: int = 1008  # the model's highres_size
     decode_rows_per_task: int = 8
+    # Decode inside the model actors (Ray Data fuses the stages) instead of in CPU tasks: for
+    # CPU-only clusters whose actors already keep every core busy, where it saves moving each
+    # decoded image through the object store to a separate process.
+    decode_in_actors: bool = False
     overrides: dict = field(default_factory=dict)  # model config fields (e.g. threshold)
 
     def __post_init__(self) -> None:
@@ -125,8 +129,8 @@ class JobConfig:
         if cpus and held > cpus - 1:
             raise ValueError(
                 f"--actors {self.actors[1]} x --cpus-per-actor {self.cpus_per_actor:g} would hold"
-                f" {held:g} of the cluster's {cpus:g} CPUs, leaving less than one for decoding;"
-                " lower --actors or --cpus-per-actor")
+                f" {held:g} of the cluster's {cpus:g} CPUs, leaving less than one for the decode"
+                " and write tasks; lower --actors or --cpus-per-actor")
 
 
 def add_task_columns(inputs: pa.Table, task: Task, prompt: str | None) -> pa.Table:
@@ -151,14 +155,25 @@ def build_dataset(config: JobConfig, todo: pa.Table, done: pa.Table | None = Non
     """The lazy Ray Dataset for `todo` (the inputs still to run)."""
     task = config.task
     n = config.decode_rows_per_task
+    actor_args = {
+        "num_cpus": config.cpus_per_actor,
+        "num_gpus": config.resolved_gpus_per_actor(),
+        # Reserving host memory also keeps Ray from fusing decode into the actors on CPU-only
+        # clusters (the remote arguments differ), so decoding runs in parallel tasks while the
+        # actors generate.
+        "memory": int(config.memory_per_actor_gb * 1024**3) or None,
+    }
+    # With --decode-in-actors the stages before predict ask for the actors' very resources,
+    # which is what lets Ray Data fuse them into the actor operator.
+    stage_args = actor_args if config.decode_in_actors else {"num_cpus": 1}
     ds = ray.data.from_arrow([todo.slice(i, n) for i in range(0, todo.num_rows, n)])
     ds = ds.map_batches(
         decode_batch,
         fn_kwargs={"config": config.decode_config()},
-        batch_size=None,  # one block (decode_rows_per_task inputs) per CPU task
+        batch_size=None,  # one block (decode_rows_per_task inputs) per call
         batch_format="pyarrow",
-        num_cpus=1,
         udf_modifying_row_count=task.expand is not None,
+        **stage_args,
     )
     if done is not None and done.num_rows:
         ds = ds.map_batches(
@@ -166,6 +181,7 @@ def build_dataset(config: JobConfig, todo: pa.Table, done: pa.Table | None = Non
             fn_kwargs={"done": done, "key_columns": task.key_columns},
             batch_size=None,
             batch_format="pyarrow",
+            **stage_args,
         )
     low, high = config.actors
     ds = ds.map_batches(
@@ -174,12 +190,8 @@ def build_dataset(config: JobConfig, todo: pa.Table, done: pa.Table | None = Non
         batch_size=config.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
-        num_gpus=config.resolved_gpus_per_actor(),
-        num_cpus=config.cpus_per_actor,
-        # Reserving host memory also keeps Ray from fusing decode into the actors on CPU-only
-        # clusters, so decoding runs in parallel tasks while the actors generate.
-        memory=int(config.memory_per_actor_gb * 1024**3) or None,
         udf_modifying_row_count=False,
+        **actor_args,
     )
     if task.finalize is not None:
         ds = ds.map_batches(

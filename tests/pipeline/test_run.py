@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.columns import output_schema
 from pipeline.resume import list_output_files
-from pipeline.run import JobConfig, add_task_columns, parse_actors, run
+from pipeline.run import JobConfig, add_task_columns, build_dataset, parse_actors, run
 from pipeline.tasks import CAPTION
 from tests.helpers import noise_image
 
@@ -64,6 +64,46 @@ def test_run_resume_and_overwrite(ray_local, demo_model, tmp_path):
     fresh = run(_config(tmp_path, model=str(demo_model), overwrite=True, limit=2))
     assert (fresh.rows_written, fresh.rows_skipped) == (2, 0)
     assert sorted(pq.read_table(out).column("id").to_pylist()) == ["img0.jpg", "img1.jpg"]
+
+
+def _optimized_plan(ds, capsys) -> str:
+    capsys.readouterr()
+    ds.explain()  # prints the logical and physical plans, the optimized physical plan last
+    return capsys.readouterr().out.split("Physical Plan (Optimized)")[1]
+
+
+def test_decode_in_actors_fuses_decode_into_the_actors(ray_local, tmp_path, capsys):
+    todo = add_task_columns(pa.table({"id": ["a.jpg"], "source_uri": ["/x/a.jpg"]}), CAPTION,
+                            None)
+    done = pa.table({"id": ["b.jpg"], "page": pa.array([0], pa.int32())})
+    separate = _optimized_plan(build_dataset(_config(tmp_path, model="demo"), todo), capsys)
+    assert "TaskPoolMapOperator[MapBatches(decode_batch)]" in separate
+    assert "ActorPoolMapOperator[MapBatches(Predictor)]" in separate
+    fused = _optimized_plan(build_dataset(_config(tmp_path, model="demo", decode_in_actors=True),
+                                          todo), capsys)
+    assert "ActorPoolMapOperator[MapBatches(decode_batch)->MapBatches(Predictor)]" in fused
+    assert "TaskPoolMapOperator[MapBatches(decode_batch)]" not in fused
+    # A resume filter between decode and predict (tasks keyed after decode) joins them too.
+    fused = _optimized_plan(build_dataset(_config(tmp_path, model="demo", decode_in_actors=True),
+                                          todo, done), capsys)
+    assert ("ActorPoolMapOperator[MapBatches(decode_batch)->MapBatches(drop_written)"
+            "->MapBatches(Predictor)]") in fused
+
+
+def test_decode_in_actors_writes_the_same_rows(ray_local, demo_model, tmp_path):
+    _folder(tmp_path / "in")
+    tables = {}
+    for fused in (False, True):
+        out = tmp_path / f"out-{fused}"
+        summary = run(_config(tmp_path, model=str(demo_model), output=str(out),
+                              decode_in_actors=fused))
+        assert (summary.rows_written, summary.rows_ok, summary.errors_by_stage) == (
+            5, 4, {"decode": 1})
+        tables[fused] = pq.read_table(out).sort_by("id")
+    columns = ["id", "answer", "width", "height", "hr_selected_per_layer", "error",
+               "error_stage"]
+    assert tables[True].select(columns).to_pylist() == tables[False].select(columns).to_pylist()
+    assert tables[True].column("answer").null_count == 1  # the corrupt PNG's error row
 
 
 def test_parse_actors():
