@@ -10,13 +10,16 @@ The pipeline's figure is the whole run (listing, decoding, actor start-up and mo
 generation, Parquet writes) from the run summary. The bare loop is what a plain script does
 with the same model and the pipeline's own decode code: read and decode each batch, then
 generate, one after the other, model already loaded; its generation-only rate is reported too.
-Both get the whole machine.
+It runs in a fresh process twice: `plain` (glibc's allocator defaults) and `keep-freed` (with
+`pipeline.predict.keep_freed_memory()`, as the predict actors on CPU). Each gets the whole
+machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -29,18 +32,27 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-def bare_loop(folder: Path, model_path: str, batch: int, new_tokens: int) -> dict:
+BARE_LOOPS = {"plain": False, "keep-freed": True}  # name -> keep_freed_memory() first
+
+
+def bare_loop(folder: Path, model_path: str, batch: int, new_tokens: int,
+              keep_freed: bool) -> dict:
     import torch
     from PIL import Image
 
     from flexattn import llava_v1_prompt, load_model
     from pipeline.decode import DecodeConfig, open_image, prepare
+    from pipeline.predict import keep_freed_memory
+
+    if keep_freed:
+        assert keep_freed_memory(), "keep_freed_memory() needs glibc"
 
     config = DecodeConfig()
     paths = sorted(folder.iterdir())
     model = load_model(model_path, device="cpu")
     prompt = llava_v1_prompt("Describe this remote sensing image in detail.")
     decode_s = generate_s = 0.0
+    cpu_start = time.process_time()
     with torch.inference_mode():
         for i in range(0, len(paths), batch):
             t0 = time.perf_counter()
@@ -55,9 +67,17 @@ def bare_loop(folder: Path, model_path: str, batch: int, new_tokens: int) -> dic
             generate_s += time.perf_counter() - t1
     wall = decode_s + generate_s
     return {"images": len(paths), "wall_s": wall, "images_per_s": len(paths) / wall,
+            "cpu_s": round(time.process_time() - cpu_start, 1),
             "decode_s": decode_s, "generate_s": generate_s,
             "generate_only_images_per_s": len(paths) / generate_s,
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), "keep_freed_memory": keep_freed}
+
+
+def bare_loop_in_fresh_process(*args) -> dict:
+    """`bare_loop` in a new interpreter, as a plain script would run: nothing this process
+    allocated before (Ray's driver, the images) shapes its heap."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(bare_loop, args)
 
 
 def cpu_seconds_by_process() -> dict[int, tuple[str, float]]:
@@ -195,16 +215,25 @@ def main(argv: list[str] | None = None) -> int:
                                         args.batch_size, args.actors, args.cpus_per_actor,
                                         args.new_tokens, LAYOUTS[name])
                      for name in layouts}
-            bare = bare_loop(folder, model_path, args.batch_size, args.new_tokens)
-        ratios = {name: pipe["images_per_s"] / bare["images_per_s"] for name, pipe in pipes.items()}
-        runs.append({"images": n, "pipeline": pipes, "bare_loop": bare, "ratio": ratios})
-        print(f"{n} images: bare loop {bare['wall_s']:.1f} s = {bare['images_per_s']:.2f} images/s"
-              f" (decode {bare['decode_s']:.1f} s + generate {bare['generate_s']:.1f} s;"
-              f" generation alone {bare['generate_only_images_per_s']:.2f} images/s)", flush=True)
+            bares = {name: bare_loop_in_fresh_process(folder, model_path, args.batch_size,
+                                                      args.new_tokens, keep)
+                     for name, keep in BARE_LOOPS.items()}
+        ratios = {name: {bare_name: pipe["images_per_s"] / bare["images_per_s"]
+                         for bare_name, bare in bares.items()}
+                  for name, pipe in pipes.items()}
+        runs.append({"images": n, "pipeline": pipes, "bare_loop": bares, "ratio": ratios})
+        print(f"{n} images:", flush=True)
+        for name, bare in bares.items():
+            print(f"  bare loop, {name}: {bare['wall_s']:.1f} s = {bare['images_per_s']:.2f}"
+                  f" images/s (decode {bare['decode_s']:.1f} s + generate"
+                  f" {bare['generate_s']:.1f} s; generation alone"
+                  f" {bare['generate_only_images_per_s']:.2f} images/s; {bare['cpu_s']:.1f} CPU s)",
+                  flush=True)
         for name, pipe in pipes.items():
+            against = ", ".join(f"{r:.2f} against {b}" for b, r in ratios[name].items())
             print(f"  pipeline, decode {name}: {pipe['wall_s']:.1f} s ="
                   f" {pipe['images_per_s']:.2f} images/s ({args.actors} actors, end to end);"
-                  f" ratio {ratios[name]:.2f}", flush=True)
+                  f" ratio {against}", flush=True)
             print(f"    CPU seconds: {pipe['cpu_s']} ({sum(pipe['cpu_s'].values()):.1f} of"
                   f" {os.cpu_count() * pipe['wall_s']:.1f} available)", flush=True)
     result = {"command": " ".join(["python", *sys.argv]), "commit": commit,

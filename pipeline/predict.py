@@ -13,6 +13,8 @@ A row whose question is blank is an error row too (a null question means the job
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import fcntl
 import gc
 import hashlib
@@ -137,6 +139,25 @@ def localize_model(model: str) -> str:
     return str(target)
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc keep the memory that tensors free, for the next ones, instead of handing it
+    back to the OS: large blocks come from the heap (M_MMAP_MAX 0) and the heap is not trimmed
+    (M_TRIM_THRESHOLD at its maximum). By default every freed buffer above the (adaptive,
+    at most 32 MB) mmap threshold is unmapped, and the next one of its size is paid for again
+    in page faults, at every layer of every step. For processes that only run the model (the
+    predict actors): the process stays at its peak memory. False where the C library is not
+    glibc (nothing changed)."""
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt if name else None
+    except (OSError, AttributeError):
+        mallopt = None
+    if mallopt is None:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's <malloc.h>
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def tensor_column(table: pa.Table, name: str) -> np.ndarray:
     """A Ray tensor column as one ndarray (no copy when the column has one chunk)."""
     chunks = table.column(name).chunks
@@ -163,6 +184,8 @@ class Predictor:
                 "Ray assigned GPU(s) %s but CUDA is not available here: running on CPU",
                 os.environ["CUDA_VISIBLE_DEVICES"],
             )
+        if device == "cpu" and keep_freed_memory():
+            logger.info("predict: glibc keeps freed memory for reuse in this actor")
         dtype = getattr(torch, config.dtype) if config.dtype else None
         path = localize_model(config.model)
         tower = localize_model(config.vision_tower) if config.vision_tower else None
