@@ -139,14 +139,25 @@ def localize_model(model: str) -> str:
     return str(target)
 
 
+# The same as keep_freed_memory(), for a process yet to start (Ray passes it to the CPU predict
+# actors: `pipeline.run.build_dataset`). From the start, one arena serves every thread, which
+# matters because Ray Data calls the model from a worker thread: per-thread arenas grow in
+# 64 MB heaps that glibc unmaps whenever one empties, whatever the settings below.
+KEEP_FREED_MEMORY_ENV = {
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_MAX_": "0",
+    "MALLOC_TRIM_THRESHOLD_": str(2**40),
+}
+
+
 def keep_freed_memory() -> bool:
     """Make glibc keep the memory that tensors free, for the next ones, instead of handing it
-    back to the OS: large blocks come from the heap (M_MMAP_MAX 0) and the heap is not trimmed
-    (M_TRIM_THRESHOLD at its maximum). By default every freed buffer above the (adaptive,
-    at most 32 MB) mmap threshold is unmapped, and the next one of its size is paid for again
-    in page faults, at every layer of every step. For processes that only run the model (the
-    predict actors): the process stays at its peak memory. False where the C library is not
-    glibc (nothing changed)."""
+    back to the OS: large blocks come from the heap (M_MMAP_MAX 0), the heap is not trimmed
+    (M_TRIM_THRESHOLD at its maximum) and threads started from now on share the main arena
+    (M_ARENA_MAX 1). By default every freed buffer above the (adaptive, at most 32 MB) mmap
+    threshold is unmapped, and the next one of its size is paid for again in page faults, at
+    every layer of every step. For processes that only run the model: the process stays at its
+    peak memory. False where the C library is not glibc (nothing changed)."""
     name = ctypes.util.find_library("c")
     try:
         mallopt = ctypes.CDLL(name).mallopt if name else None
@@ -154,8 +165,9 @@ def keep_freed_memory() -> bool:
         mallopt = None
     if mallopt is None:
         return False
-    m_trim_threshold, m_mmap_max = -1, -4  # glibc's <malloc.h>
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # glibc's <malloc.h>
+    return all(mallopt(option, value) for option, value in (
+        (m_mmap_max, 0), (m_trim_threshold, 2**31 - 1), (m_arena_max, 1)))
 
 
 def tensor_column(table: pa.Table, name: str) -> np.ndarray:

@@ -20,7 +20,7 @@ import ray
 from pipeline.columns import QUESTION, output_schema
 from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeConfig, decode_batch
 from pipeline.inputs import InputConfig, list_inputs
-from pipeline.predict import DEMO_MODEL, PredictConfig, Predictor
+from pipeline.predict import DEMO_MODEL, KEEP_FREED_MEMORY_ENV, PredictConfig, Predictor
 from pipeline.resume import done_keys, pending, prepare_output
 from pipeline.storage import open_fs, to_uri
 from pipeline.summary import RunSummary
@@ -155,14 +155,17 @@ def build_dataset(config: JobConfig, todo: pa.Table, done: pa.Table | None = Non
     """The lazy Ray Dataset for `todo` (the inputs still to run)."""
     task = config.task
     n = config.decode_rows_per_task
+    gpus = config.resolved_gpus_per_actor()
     actor_args = {
         "num_cpus": config.cpus_per_actor,
-        "num_gpus": config.resolved_gpus_per_actor(),
+        "num_gpus": gpus,
         # Reserving host memory also keeps Ray from fusing decode into the actors on CPU-only
         # clusters (the remote arguments differ), so decoding runs in parallel tasks while the
         # actors generate.
         "memory": int(config.memory_per_actor_gb * 1024**3) or None,
     }
+    if not gpus:  # the model runs on CPU: its buffers' memory is kept for reuse
+        actor_args["runtime_env"] = {"env_vars": KEEP_FREED_MEMORY_ENV}
     # With --decode-in-actors the stages before predict ask for the actors' very resources,
     # which is what lets Ray Data fuse them into the actor operator.
     stage_args = actor_args if config.decode_in_actors else {"num_cpus": 1}

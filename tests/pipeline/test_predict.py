@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 
 from pipeline.columns import OUTPUT_SCHEMA, MissingColumnsError
 from pipeline.decode import DecodeConfig, decode_batch
-from pipeline.predict import PredictConfig, Predictor, localize_model
+from pipeline.predict import KEEP_FREED_MEMORY_ENV, PredictConfig, Predictor, localize_model
 from tests.helpers import noise_image
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,32 +110,42 @@ def test_config_errors_name_the_flag():
 
 
 FAULTS_CHILD = """
-import resource, sys
+import resource, sys, threading
 import numpy as np
 from pipeline.predict import keep_freed_memory
-if sys.argv[1] == "tuned":
+mode = sys.argv[1]
+if mode == "mallopt":
     assert keep_freed_memory()
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(2):  # let the heap grow to the buffer's size first
-    a = np.ones(64 * 2**20, np.uint8); del a
-before = faults()
-for _ in range(5):  # what a layer does at every step: a large buffer, freed, then again
-    a = np.ones(64 * 2**20, np.uint8); del a
-print(faults() - before)
+def rounds():
+    for _ in range(2):  # let the heap grow to the buffer's size first
+        a = np.ones(64 * 2**20, np.uint8); del a
+    before = faults()
+    for _ in range(5):  # what a layer does at every step: a large buffer, freed, then again
+        a = np.ones(64 * 2**20, np.uint8); del a
+    print(faults() - before)
+if mode.endswith("thread"):  # where Ray Data calls the model
+    worker = threading.Thread(target=rounds); worker.start(); worker.join()
+else:
+    rounds()
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc and /proc rusage")
 def test_keep_freed_memory_stops_page_faults_on_reused_buffers():
     """A fresh process allocates, touches and frees a 64 MB buffer five times: with glibc's
-    defaults every round is mapped and faulted in again; after keep_freed_memory() the heap
-    serves it and nothing is faulted in."""
-    def page_faults(mode: str) -> int:
+    defaults every round is mapped and faulted in again. After keep_freed_memory() the heap
+    serves it and nothing is faulted in, and so in a worker thread of a process started with
+    KEEP_FREED_MEMORY_ENV (what the CPU predict actors get)."""
+    def page_faults(mode: str, env: dict | None = None) -> int:
         out = subprocess.run([sys.executable, "-c", FAULTS_CHILD, mode], capture_output=True,
-                             text=True, check=True, cwd=ROOT)
+                             text=True, check=True, cwd=ROOT, env=os.environ | (env or {}))
         return int(out.stdout.strip())
 
-    default, tuned = page_faults("default"), page_faults("tuned")
+    default = page_faults("default")
     assert default > 100  # 16384 pages a round here, fewer with transparent huge pages
-    assert tuned * 10 < default
+    assert page_faults("mallopt") * 10 < default
+    in_thread = page_faults("thread")
+    assert in_thread > 100
+    assert page_faults("env-thread", KEEP_FREED_MEMORY_ENV) * 10 < in_thread
