@@ -159,13 +159,13 @@ def build_dataset(config: JobConfig, todo: pa.Table, done: pa.Table | None = Non
     actor_args = {
         "num_cpus": config.cpus_per_actor,
         "num_gpus": gpus,
-        # Reserving host memory also keeps Ray from fusing decode into the actors on CPU-only
-        # clusters (the remote arguments differ), so decoding runs in parallel tasks while the
-        # actors generate.
         "memory": int(config.memory_per_actor_gb * 1024**3) or None,
     }
     if not gpus:  # the model runs on CPU: its buffers' memory is kept for reuse
         actor_args["runtime_env"] = {"env_vars": KEEP_FREED_MEMORY_ENV}
+    # Ray Data fuses a task stage into the actor stage after it when both ask for the same
+    # resources. By default decode asks for other ones (a whole CPU, no memory reservation, no
+    # runtime_env), so it runs in parallel tasks while the actors generate.
     # With --decode-in-actors the stages before predict ask for the actors' very resources,
     # which is what lets Ray Data fuse them into the actor operator.
     stage_args = actor_args if config.decode_in_actors else {"num_cpus": 1}
