@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, ImageSequence, UnidentifiedImageError
 from ray.data.extensions import ArrowTensorArray
 
 from pipeline.columns import IMAGE, format_error, require_columns
@@ -110,7 +110,7 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = PAD_COLOR) -> Im
         canvas = Image.new("RGB", img.size, background)
         canvas.paste(img, mask=img.getchannel("A"))
         return canvas
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # convert() would copy RGB too
 
 
 def pad_and_resize(img: Image.Image, size: int, fill: tuple[int, int, int]) -> Image.Image:
@@ -181,7 +181,8 @@ def describe_unreadable(data: bytes) -> str:
 
 def prepare(img: Image.Image, config: DecodeConfig) -> tuple[np.ndarray, int, int]:
     """Orient, convert, pad, resize: (uint8 [S, S, 3], original width, original height)."""
-    img = ImageOps.exif_transpose(img)
+    if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # else exif_transpose copies
+        img = ImageOps.exif_transpose(img)
     width, height = img.size
     rgb = to_rgb(img, config.pad_color)
     square = pad_and_resize(rgb, config.image_size, config.pad_color)

@@ -7,7 +7,7 @@ import io
 import numpy as np
 import pyarrow as pa
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pipeline.columns import MissingColumnsError
 from pipeline.decode import (
@@ -16,6 +16,7 @@ from pipeline.decode import (
     decode_batch,
     expand_frames,
     pad_and_resize,
+    prepare,
     to_rgb,
 )
 from pipeline.predict import tensor_column
@@ -109,6 +110,24 @@ def test_exif_orientation_is_applied(tmp_path):
     # After the clockwise turn the red half is on top.
     assert pixels[40, 100, 0] > 200 and pixels[40, 100, 2] < 60
     assert pixels[160, 100, 2] > 200 and pixels[160, 100, 0] < 60
+
+
+@pytest.mark.parametrize("orientation", [None, 1, 3])
+def test_prepare_follows_the_recipe_and_leaves_its_input_alone(tmp_path, orientation):
+    """Upright RGB images skip exif_transpose's and convert's copies; the pixels are still
+    those of the full recipe (orient, convert, pad, resize), and the input is not modified."""
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    path = _save(noise_image(90, 60, seed=4), tmp_path / "a.jpg", exif=exif, quality=95)
+    img = Image.open(path)
+    img.load()
+    before = np.asarray(img).copy()
+    expected = pad_and_resize(ImageOps.exif_transpose(img).convert("RGB"), 48, PAD_COLOR)
+    arr, width, height = prepare(img, DecodeConfig(image_size=48))
+    np.testing.assert_array_equal(arr, np.asarray(expected))
+    assert (width, height) == (90, 60)  # 180 degrees (3) keeps the size
+    np.testing.assert_array_equal(np.asarray(img), before)
 
 
 def test_bad_files_become_error_rows_in_order(tmp_path):
