@@ -1,0 +1,84 @@
+"""Decode benchmark: milliseconds per image for each step of the decode stage, on the pipeline
+benchmark's synthetic remote-sensing JPEGs (mixed sizes, 1008x1008 to 2400x1800).
+
+    python bench/decode_bench.py                       # 24 images, best of 3 passes
+    python bench/decode_bench.py --images 48 --out bench/results/decode.json
+
+Steps: `open` (Pillow open + full decode of the JPEG bytes), `exif_transpose`, `to_rgb`,
+`pad_and_resize` (to 1008) and `prepare` (what decode runs per image after opening:
+orientation, RGB, pad, resize and the array). Each figure is the best of `--repeats` passes
+over all images, in one process, one thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def best_ms_per_image(step, items, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for item in items:
+            step(item)
+        best = min(best, time.perf_counter() - start)
+    return 1e3 * best / len(items)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=24)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, help="JSON file for the results")
+    args = p.parse_args(argv)
+    if args.images < 1:
+        p.error(f"--images must be >= 1, got {args.images}")
+    if args.repeats < 1:
+        p.error(f"--repeats must be >= 1, got {args.repeats}")
+
+    from model_bench import make_images, source_commit
+    from PIL import ImageOps
+
+    from pipeline.decode import DecodeConfig, open_image, pad_and_resize, prepare, to_rgb
+
+    commit = source_commit()
+    config = DecodeConfig()
+    jpegs = []
+    for im in make_images(args.images, seed=1):
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=90)
+        jpegs.append(buf.getvalue())
+    opened = [open_image(data, config.max_pixels) for data in jpegs]
+    steps = {
+        "open": (lambda data: open_image(data, config.max_pixels), jpegs),
+        "exif_transpose": (ImageOps.exif_transpose, opened),
+        "to_rgb": (to_rgb, opened),
+        "pad_and_resize": (lambda im: pad_and_resize(im, config.image_size, config.pad_color),
+                           opened),
+        "prepare": (lambda im: prepare(im, config), opened),
+    }
+    ms = {name: round(best_ms_per_image(step, items, args.repeats), 2)
+          for name, (step, items) in steps.items()}
+    for name, value in ms.items():
+        print(f"{name:>15}: {value:7.2f} ms/image")
+    result = {"command": " ".join(["python", *sys.argv]), "commit": commit,
+              "date": time.strftime("%Y-%m-%d"), "images": args.images,
+              "repeats": args.repeats, "ms_per_image": ms}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
