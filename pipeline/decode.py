@@ -99,7 +99,8 @@ def _stretch(arr: np.ndarray) -> np.ndarray:
 
 def to_rgb(img: Image.Image, background: tuple[int, int, int] = PAD_COLOR) -> Image.Image:
     """Any Pillow mode to RGB. Alpha is composited over `background`; high-bit-depth and float
-    images are min-max stretched to 8 bits (Pillow's own conversion would clip them)."""
+    images are min-max stretched to 8 bits (Pillow's own conversion would clip them). An RGB
+    image comes back as is, not copied."""
     if img.mode in HIGH_BIT_MODES:
         return Image.fromarray(_stretch(np.asarray(img))).convert("RGB")
     if img.mode == "P":
