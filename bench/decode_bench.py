@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 import time
 from pathlib import Path
@@ -46,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
 
-    from model_bench import make_images, source_commit
+    from model_bench import make_images, provenance, source_commit, write_json
     from PIL import ImageOps
 
     from pipeline.decode import DecodeConfig, open_image, pad_and_resize, prepare, to_rgb
@@ -71,12 +70,8 @@ def main(argv: list[str] | None = None) -> int:
           for name, (step, items) in steps.items()}
     for name, value in ms.items():
         print(f"{name:>15}: {value:7.2f} ms/image")
-    result = {"command": " ".join(["python", *sys.argv]), "commit": commit,
-              "date": time.strftime("%Y-%m-%d"), "images": args.images,
-              "repeats": args.repeats, "ms_per_image": ms}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+    write_json(args.out, {**provenance(commit), "images": args.images,
+                          "repeats": args.repeats, "ms_per_image": ms})
     return 0
 
 

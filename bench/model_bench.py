@@ -90,6 +90,20 @@ def make_images(n: int, seed: int = 0) -> list[Image.Image]:
     return out
 
 
+def provenance(commit: str) -> dict:
+    """What every result file records: the command, the commit (`source_commit()`, read
+    before the run) and the date."""
+    return {"command": " ".join(["python", *sys.argv]), "commit": commit,
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def write_json(path: Path | None, result: dict) -> None:
+    """Write `result` to `path` (the benches' `--out`), creating its folder; nothing if None."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+
+
 def source_commit() -> str:
     """HEAD's short hash, with ``+dirty`` when tracked files other than benchmark results
     (``bench/results/``, ``bench/RESULTS.md``) differ from it."""
@@ -239,14 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     rat = ratios(rows)
     device = (torch.cuda.get_device_name() if preset["device"] == "cuda"
               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    meta = {"preset": args.preset, "command": " ".join(["python", *sys.argv]), "commit": commit,
-            "date": time.strftime("%Y-%m-%d"), "device": device, "torch": torch.__version__,
-            "dtype": preset["dtype"]}
+    meta = {"preset": args.preset, **provenance(commit), "device": device,
+            "torch": torch.__version__, "dtype": preset["dtype"]}
     print()
     print(markdown(rows, rat))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"meta": meta, "rows": rows, "ratios": rat}, indent=2))
+    write_json(args.out, {"meta": meta, "rows": rows, "ratios": rat})
     return 0
 
 

@@ -18,7 +18,6 @@ machine.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import sys
@@ -197,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     if not layouts or any(name not in LAYOUTS for name in layouts):
         p.error(f"--layouts must be a comma-separated list of {', '.join(LAYOUTS)},"
                 f" got {args.layouts!r}")
-    from model_bench import make_images, source_commit
+    from model_bench import make_images, provenance, source_commit, write_json
 
     commit = source_commit()  # read before the run: the figures belong to this tree
 
@@ -236,12 +235,9 @@ def main(argv: list[str] | None = None) -> int:
                   f" ratio {against}", flush=True)
             print(f"    CPU seconds: {pipe['cpu_s']} ({sum(pipe['cpu_s'].values()):.1f} of"
                   f" {os.cpu_count() * pipe['wall_s']:.1f} available)", flush=True)
-    result = {"command": " ".join(["python", *sys.argv]), "commit": commit,
-              "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
-              "batch_size": args.batch_size, "new_tokens": args.new_tokens, "runs": runs}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+    write_json(args.out, {**provenance(commit), "cpus": os.cpu_count(),
+                          "batch_size": args.batch_size, "new_tokens": args.new_tokens,
+                          "runs": runs})
     return 0
 
 
