@@ -52,6 +52,11 @@ class FlexAttnConfig:
     # of when each is first selected: more work when the selection stays in one area, but no
     # projection while decoding; implies all tiles (needs hr_kv_reuse)
     hr_kv_prefetch: bool = False
+    # most crops per CLIP forward; 0: automatic. On a GPU every crop of a call goes through at
+    # once; on a CPU, as many as keep one crop-batch activation within 16 MiB (7 at CLIP width
+    # 256, 1 at CLIP-L), since this is what glibc keeps in the heap and reuses instead of
+    # handing it back to the OS and faulting it in again (see ``vision_chunk``)
+    vision_batch: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # anything else from the checkpoint
 
     def __post_init__(self) -> None:
@@ -92,6 +97,9 @@ class FlexAttnConfig:
         if self.pool_grid % self.zoom_ratio:
             raise ValueError(f"pool_grid ({self.pool_grid}) must be a multiple of zoom_ratio"
                              f" ({self.zoom_ratio}) so that cells do not straddle tiles")
+        if isinstance(self.vision_batch, bool) or not isinstance(self.vision_batch, int) \
+                or self.vision_batch < 0:
+            raise ValueError(f"vision_batch must be an integer >= 0, got {self.vision_batch!r}")
         if self.hr_kv_prefetch and not self.hr_kv_reuse:
             raise ValueError("hr_kv_prefetch needs hr_kv_reuse (prefetched keys are kept for"
                              " reuse)")

@@ -172,3 +172,68 @@ def test_lazy_tiles_and_kv_reuse_do_not_change_outputs():
     for o in lazy:  # exactly the tiles holding a used cell were encoded
         cells = o.trace["block_masks"][:, :3].any(0).any(0).view(3, 3, 3, 3)
         assert o.tiles_encoded == int(cells.any(3).any(1).sum())
+
+
+def test_vision_batch_splits_clip_forwards_and_changes_no_output():
+    from flexattn import load_model
+
+    from .conftest import GOLDEN_MODEL
+
+    images, prompts = mixed_inputs()
+    kw = dict(max_new_tokens=6, return_logits=True, return_trace=True)
+    outs, forwards, models = {}, {}, {}
+    for vb in (0, 1, 4):
+        m = models[vb] = load_model(GOLDEN_MODEL, device="cpu", lazy_tiles=False, vision_batch=vb)
+        sizes = []
+        tower = getattr(m.module.vision_tower, "vision_model", m.module.vision_tower)
+        hook = tower.embeddings.register_forward_hook(
+            lambda mod, args, out: sizes.append(args[0].shape[0]))
+        outs[vb] = m.generate(images, prompts, **kw)
+        hook.remove()
+        forwards[vb] = sizes
+    def split(n, k):
+        return [k] * (n // k) + ([n % k] if n % k else [])
+
+    n_img = sum(im is not None for im in images)
+    crops = n_img * 10  # a low-res view and nine tiles each, all encoded up front
+    auto = models[0].module.vision_chunk(torch.zeros(crops, 3, 336, 336))
+    assert auto < crops  # the tiny tower's CPU default does split this batch
+    assert forwards[0] == split(crops, auto)
+    assert forwards[1] == [1] * crops
+    assert forwards[4] == split(crops, 4)
+    for vb in (1, 4):
+        for a, b in zip(outs[0], outs[vb]):
+            assert a.token_ids == b.token_ids
+            assert torch.equal(a.trace["block_masks"], b.trace["block_masks"])
+            torch.testing.assert_close(a.logits, b.logits, atol=1e-4, rtol=0)
+
+
+def test_vision_chunk_keeps_cpu_activations_small_and_gpu_batches_whole():
+    from transformers import CLIPVisionConfig
+
+    from flexattn.config import FlexAttnConfig
+    from flexattn.model import LlavaFlexAttnForCausalLM
+
+    def chunk(llm, clip, device="cpu", n=80, **cfg):
+        with torch.device("meta"):  # shapes only, no weights allocated
+            m = LlavaFlexAttnForCausalLM(FlexAttnConfig(**llm, **cfg), CLIPVisionConfig(
+                image_size=336, patch_size=14, **clip))
+        return m.vision_chunk(torch.empty(n, 3, 336, 336, device=device))
+
+    seven_b = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                   num_attention_heads=32, mm_hidden_size=1024)
+    clip_l = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                  num_attention_heads=16)
+    mini = dict(vocab_size=8192, hidden_size=1024, intermediate_size=2752, num_hidden_layers=12,
+                num_attention_heads=16, num_key_value_heads=16, mm_hidden_size=256)
+    clip_mini = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
+                     num_attention_heads=4)
+    # CPU: widest activation of a forward within 16 MiB (577 tokens x 4 bytes x widest layer)
+    assert chunk(seven_b, clip_l) == 1  # 577 x 4096 x 4 = 9.0 MiB per crop
+    assert chunk(mini, clip_mini) == 7  # 577 x 1024 x 4 = 2.3 MiB per crop
+    # any other device: every crop of the call at once
+    assert chunk(seven_b, clip_l, device="meta") == 80
+    assert chunk(mini, clip_mini, device="meta", n=3) == 3
+    # an explicit setting wins everywhere
+    assert chunk(seven_b, clip_l, vision_batch=16) == 16
+    assert chunk(seven_b, clip_l, device="meta", vision_batch=16) == 16

@@ -127,6 +127,8 @@ def test_missing_files(tmp_path):
     (dict(select_layer=12), "select_layer"),
     (dict(thresold=10), "unknown config field"),
     (dict(dtype="int8"), "dtype must be one of"),
+    (dict(vision_batch=-1), "vision_batch must be an integer >= 0"),
+    (dict(vision_batch=2.5), "vision_batch must be an integer >= 0"),
 ])
 def test_bad_load_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
