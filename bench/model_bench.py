@@ -11,8 +11,10 @@ published code does); ``flexattn-kv-prefetch`` projects every block's keys in th
 instead of when each is first selected, so its decode steps show the hierarchical attention
 without any projection (with random weights the selection wanders and the default projects
 new blocks at nearly every step). Reports per-image time, prefill ms, decode ms per token,
-images/s per batch size, analytical TFLOPs per image (flexattn/flops.py) and peak memory, then
-the ratios.
+images/s per batch size, analytical TFLOPs per image (flexattn/flops.py) and peak memory (on
+CUDA the most allocated during the variant's runs; on a CPU the process's max RSS so far, an
+upper bound), then the ratios. At each batch size the timed repeats take the variants in turn,
+so that the ratios compare runs made side by side.
 EOS is disabled so that every image generates exactly ``--new-tokens`` tokens.
 """
 
@@ -120,48 +122,69 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_variant(model, variant: str, images, batch: int, new_tokens: int, repeats: int) -> dict:
+def use_variant(model, variant: str, base) -> str:
+    """Configure ``model`` (its config was ``base``) for ``variant``; returns the mode."""
     mode, changes = VARIANTS[variant]
+    model.module.config = base.replace(**{"lazy_tiles": True, "hr_kv_reuse": True,
+                                          "hr_kv_prefetch": False, **changes})
+    return mode
+
+
+def run_batch(model, variants: list[str], images, batch: int, new_tokens: int,
+              repeats: int) -> list[dict]:
+    """One row per variant at ``batch``: median of ``repeats`` timed generations. The repeats
+    take the variants in turn (lowres, flexattn, ..., lowres, flexattn, ...), so that drift in
+    the machine's speed during the run falls on all variants alike rather than on whichever
+    ran last."""
     base = model.config
-    model.configure(**{"lazy_tiles": True, "hr_kv_reuse": True, "hr_kv_prefetch": False,
-                       **changes})
     dev = model.device
     prompts = [llava_v1_prompt(QUESTION)] * batch
     imgs = images[:batch]
-    model.generate(imgs[:1], prompts[:1], max_new_tokens=2, mode=mode)  # warm-up
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    walls, outs = [], None
+    walls: dict[str, list[float]] = {v: [] for v in variants}
+    outs: dict[str, list] = {}
+    peak: dict[str, int] = dict.fromkeys(variants, 0)
+    for v in variants:  # warm-up
+        model.generate(imgs[:1], prompts[:1], max_new_tokens=2, mode=use_variant(model, v, base))
     for _ in range(repeats):
-        sync(dev)
-        t0 = time.perf_counter()
-        outs = model.generate(imgs, prompts, max_new_tokens=new_tokens, mode=mode)
-        sync(dev)
-        walls.append(time.perf_counter() - t0)
-    wall = statistics.median(walls)
-    peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        for v in variants:
+            mode = use_variant(model, v, base)
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            sync(dev)
+            t0 = time.perf_counter()
+            outs[v] = model.generate(imgs, prompts, max_new_tokens=new_tokens, mode=mode)
+            sync(dev)
+            walls[v].append(time.perf_counter() - t0)
+            peak[v] = max(peak[v], torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
+                          else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     text_tokens = len(model.tokenizer.encode_prompt(prompts[0])) - 1
-    costs = [image_cost(model.config, model.module.vision_config, mode, text_tokens, new_tokens,
-                        selected_frac=o.hr_selected_frac, tiles=o.tiles_encoded,
-                        blocks_projected=o.hr_blocks_projected,
-                        reuse=model.config.hr_kv_reuse) for o in outs]
+    rows = []
+    for v in variants:
+        mode = use_variant(model, v, base)
+        wall = statistics.median(walls[v])
+        costs = [image_cost(model.config, model.module.vision_config, mode, text_tokens,
+                            new_tokens, selected_frac=o.hr_selected_frac, tiles=o.tiles_encoded,
+                            blocks_projected=o.hr_blocks_projected,
+                            reuse=model.config.hr_kv_reuse) for o in outs[v]]
+        o = outs[v]
+        rows.append({
+            "variant": v, "mode": mode, "batch": batch, "new_tokens": new_tokens,
+            "wall_s": wall, "walls_s": walls[v], "ms_per_image": wall / batch * 1000,
+            "images_per_s": batch / wall,
+            "prefill_ms": statistics.mean(x.prefill_ms for x in o),
+            "decode_ms_per_token": statistics.mean(x.decode_ms / max(1, x.generated_tokens - 1)
+                                                   for x in o),
+            "prompt_tokens": o[0].prompt_tokens,
+            "hr_selected_frac": statistics.mean(x.hr_selected_frac for x in o),
+            "tiles_encoded": statistics.mean(x.tiles_encoded for x in o),
+            "hr_blocks_projected": statistics.mean(x.hr_blocks_projected for x in o),
+            "tflops_per_image": statistics.mean(c.total for c in costs) / 1e12,
+            "tflops_parts": {k: statistics.mean(c.as_dict()[k] for c in costs) / 1e12
+                             for k in ("vision", "prefill", "decode", "hr_kv")},
+            "peak_mem_gib": peak[v] / 2 ** 30,
+        })
     model.module.config = base
-    return {
-        "variant": variant, "mode": mode, "batch": batch, "new_tokens": new_tokens,
-        "wall_s": wall, "ms_per_image": wall / batch * 1000, "images_per_s": batch / wall,
-        "prefill_ms": statistics.mean(o.prefill_ms for o in outs),
-        "decode_ms_per_token": statistics.mean(o.decode_ms / max(1, o.generated_tokens - 1)
-                                               for o in outs),
-        "prompt_tokens": outs[0].prompt_tokens,
-        "hr_selected_frac": statistics.mean(o.hr_selected_frac for o in outs),
-        "tiles_encoded": statistics.mean(o.tiles_encoded for o in outs),
-        "hr_blocks_projected": statistics.mean(o.hr_blocks_projected for o in outs),
-        "tflops_per_image": statistics.mean(c.total for c in costs) / 1e12,
-        "tflops_parts": {k: statistics.mean(c.as_dict()[k] for c in costs) / 1e12
-                         for k in ("vision", "prefill", "decode", "hr_kv")},
-        "peak_mem_gib": peak / 2 ** 30,
-    }
+    return rows
 
 
 def ratios(rows: list[dict]) -> dict[str, float]:
@@ -239,17 +262,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"built {model.model_id} in {time.perf_counter() - t0:.1f}s", flush=True)
     images = make_images(max(batches))
     rows = []
-    for variant in variants:
-        for b in batches:
-            if VARIANTS[variant][0] == "fullres" and b not in preset["fullres_batches"]:
-                continue
-            r = run_variant(model, variant, images, b, args.new_tokens,
-                            args.repeats or preset["repeats"])
+    for b in batches:
+        todo = [v for v in variants
+                if VARIANTS[v][0] != "fullres" or b in preset["fullres_batches"]]
+        for r in run_batch(model, todo, images, b, args.new_tokens,
+                           args.repeats or preset["repeats"]):
             rows.append(r)
-            print(f"{variant:22s} b={b:<3d} {r['ms_per_image']:9.0f} ms/image"
+            print(f"{r['variant']:22s} b={b:<3d} {r['ms_per_image']:9.0f} ms/image"
                   f"  prefill {r['prefill_ms']:8.0f} ms  decode {r['decode_ms_per_token']:7.1f}"
                   f" ms/token  sel {r['hr_selected_frac']:.3f}  tiles {r['tiles_encoded']:.1f}"
-                  f"  blocks {r['hr_blocks_projected']:.0f}  {r['tflops_per_image']:.3f} TFLOPs", flush=True)
+                  f"  blocks {r['hr_blocks_projected']:.0f}  {r['tflops_per_image']:.3f} TFLOPs",
+                  flush=True)
+    rows.sort(key=lambda r: (variants.index(r["variant"]), r["batch"]))
     rat = ratios(rows)
     device = (torch.cuda.get_device_name() if preset["device"] == "cuda"
               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
