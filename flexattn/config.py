@@ -53,9 +53,9 @@ class FlexAttnConfig:
     # projection while decoding; implies all tiles (needs hr_kv_reuse)
     hr_kv_prefetch: bool = False
     # most crops per CLIP forward; 0: automatic. On a GPU every crop of a call goes through at
-    # once; on a CPU, as many as keep one crop-batch activation within 16 MiB (7 at CLIP width
-    # 256, 1 at CLIP-L), since this is what glibc keeps in the heap and reuses instead of
-    # handing it back to the OS and faulting it in again (see ``vision_chunk``)
+    # once; on a CPU, as many as keep a forward's widest activation within 16 MiB (7 crops when
+    # the widest layer is 1024 wide in float32, 1 at CLIP-L's 4096), small enough for glibc to
+    # reuse from its heap instead of mapping it afresh (see ``vision_chunk`` in model.py)
     vision_batch: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # anything else from the checkpoint
 

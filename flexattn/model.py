@@ -63,10 +63,11 @@ class LlavaFlexAttnForCausalLM(nn.Module):
 
         ``config.vision_batch`` when set. Otherwise all N on a GPU, and on a CPU as many as keep
         the widest activation of one forward (crops x 577 tokens x the widest of the CLIP MLP,
-        the CLIP width and the projector's output) within 16 MiB. glibc hands every freed
-        buffer above 32 MiB back to the OS, and touching fresh pages costs several times what an
-        elementwise op does on them, so one forward over 72 crops took 124 ms per crop on the
-        project's CPU, against 80 ms in forwards of 4 to 8 crops."""
+        the CLIP width and the projector's output) within 16 MiB. glibc maps buffers above its
+        mmap threshold (which grows to at most 32 MiB) afresh and hands them back to the OS when
+        freed, and touching fresh pages costs several times what an elementwise op does on
+        them: one forward over 72 crops took 121.7 ms per crop on the project's CPU, forwards
+        of 4 to 8 crops 82-86 ms (``bench/vision_bench.py``)."""
         n = pixels.shape[0]
         if self.config.vision_batch:
             return self.config.vision_batch

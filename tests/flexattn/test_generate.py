@@ -191,6 +191,7 @@ def test_vision_batch_splits_clip_forwards_and_changes_no_output():
         outs[vb] = m.generate(images, prompts, **kw)
         hook.remove()
         forwards[vb] = sizes
+
     def split(n, k):
         return [k] * (n // k) + ([n % k] if n % k else [])
 
