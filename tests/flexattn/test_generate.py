@@ -180,14 +180,14 @@ def test_vision_batch_splits_clip_forwards_and_changes_no_output():
     from .conftest import GOLDEN_MODEL
 
     images, prompts = mixed_inputs()
-    kw = dict(max_new_tokens=6, return_logits=True, return_trace=True)
+    kw = {"max_new_tokens": 6, "return_logits": True, "return_trace": True}
     outs, forwards, models = {}, {}, {}
     for vb in (0, 1, 4):
         m = models[vb] = load_model(GOLDEN_MODEL, device="cpu", lazy_tiles=False, vision_batch=vb)
         sizes = []
         tower = getattr(m.module.vision_tower, "vision_model", m.module.vision_tower)
         hook = tower.embeddings.register_forward_hook(
-            lambda mod, args, out: sizes.append(args[0].shape[0]))
+            lambda mod, args, out, sizes=sizes: sizes.append(args[0].shape[0]))
         outs[vb] = m.generate(images, prompts, **kw)
         hook.remove()
         forwards[vb] = sizes
@@ -221,14 +221,15 @@ def test_vision_chunk_keeps_cpu_activations_small_and_gpu_batches_whole():
                 image_size=336, patch_size=14, **clip))
         return m.vision_chunk(torch.empty(n, 3, 336, 336, device=device))
 
-    seven_b = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                   num_attention_heads=32, mm_hidden_size=1024)
-    clip_l = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                  num_attention_heads=16)
-    mini = dict(vocab_size=8192, hidden_size=1024, intermediate_size=2752, num_hidden_layers=12,
-                num_attention_heads=16, num_key_value_heads=16, mm_hidden_size=256)
-    clip_mini = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
-                     num_attention_heads=4)
+    seven_b = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+               "num_attention_heads": 32, "mm_hidden_size": 1024}
+    clip_l = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+              "num_attention_heads": 16}
+    mini = {"vocab_size": 8192, "hidden_size": 1024, "intermediate_size": 2752,
+            "num_hidden_layers": 12, "num_attention_heads": 16, "num_key_value_heads": 16,
+            "mm_hidden_size": 256}
+    clip_mini = {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 6,
+                 "num_attention_heads": 4}
     # CPU: widest activation of a forward within 16 MiB (577 tokens x 4 bytes x widest layer)
     assert chunk(seven_b, clip_l) == 1  # 577 x 4096 x 4 = 9.0 MiB per crop
     assert chunk(mini, clip_mini) == 7  # 577 x 1024 x 4 = 2.3 MiB per crop
