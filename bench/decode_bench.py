@@ -34,18 +34,15 @@ def best_ms_per_image(step, items, repeats: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from model_bench import make_images, positive_int, provenance, source_commit, write_json
+
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=24)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--images", type=positive_int, default=24)
+    p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--out", type=Path, help="JSON file for the results")
     args = p.parse_args(argv)
-    if args.images < 1:
-        p.error(f"--images must be >= 1, got {args.images}")
-    if args.repeats < 1:
-        p.error(f"--repeats must be >= 1, got {args.repeats}")
 
-    from model_bench import make_images, provenance, source_commit, write_json
     from PIL import ImageOps
 
     from pipeline.decode import DecodeConfig, open_image, pad_and_resize, prepare, to_rgb

@@ -92,6 +92,17 @@ def make_images(n: int, seed: int = 0) -> list[Image.Image]:
     return out
 
 
+def positive_int(text: str) -> int:
+    """argparse ``type`` of the benches' counts: an integer >= 1 (argparse names the flag)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
 def provenance(commit: str) -> dict:
     """What every result file records: the command, the commit (`source_commit()`, read
     before the run) and the date."""

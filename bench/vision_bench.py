@@ -25,22 +25,18 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from model_bench import PRESETS, provenance, source_commit, sync, write_json
+    from model_bench import PRESETS, positive_int, provenance, source_commit, sync, write_json
 
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-mini")
-    p.add_argument("--crops", type=int, default=72)
+    p.add_argument("--crops", type=positive_int, default=72)
     p.add_argument("--chunks", default="0,72,36,16,8,4,1",
                    help="crops per forward to time, comma-separated; 0: the automatic choice")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (0: torch's)")
     p.add_argument("--out", type=Path, help="JSON file for the results")
     args = p.parse_args(argv)
-    if args.crops < 1:
-        p.error(f"--crops must be >= 1, got {args.crops}")
-    if args.repeats < 1:
-        p.error(f"--repeats must be >= 1, got {args.repeats}")
     try:
         chunks = [int(c) for c in args.chunks.split(",")]
     except ValueError:
