@@ -15,7 +15,10 @@ images/s per batch size, analytical TFLOPs per image (flexattn/flops.py) and pea
 CUDA the most allocated during the variant's runs; on a CPU the process's max RSS so far, an
 upper bound), then the ratios. At each batch size the timed repeats take the variants in turn,
 so that the ratios compare runs made side by side.
-EOS is disabled so that every image generates exactly ``--new-tokens`` tokens.
+EOS is disabled so that every image generates exactly ``--new-tokens`` tokens. A variant that
+runs out of device memory at a batch size gets a row with ``error`` instead of figures, and the
+run goes on; ``--out`` is rewritten after every batch size (``meta.complete`` is true once all
+are done), so a run stopped by a time limit keeps what it measured.
 """
 
 from __future__ import annotations
@@ -52,6 +55,13 @@ PRESETS = {
         clip=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
                   num_attention_heads=4),
         device="cpu", dtype="float32", batches=[1, 4, 8], fullres_batches=[1], repeats=2),
+    # a few seconds a run, for the harness's own test (tests/bench): its times mean nothing
+    "cpu-tiny": dict(
+        llm=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=10,
+                 num_attention_heads=4, num_key_value_heads=4, mm_hidden_size=32),
+        clip=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2),
+        device="cpu", dtype="float32", batches=[1, 2], fullres_batches=[1], repeats=1),
     # LLaVA-1.5-7B and CLIP ViT-L/14-336 shapes, random weights, bf16
     "gpu-7b": dict(
         llm=dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
@@ -103,10 +113,17 @@ def positive_int(text: str) -> int:
     return value
 
 
-def provenance(commit: str) -> dict:
+def batch_list(text: str) -> list[int]:
+    """argparse ``type`` of ``--batches``: comma-separated integers >= 1."""
+    return [positive_int(part.strip()) for part in text.split(",")]
+
+
+def provenance(commit: str, argv: list[str] | None = None, script: str = "") -> dict:
     """What every result file records: the command, the commit (`source_commit()`, read
-    before the run) and the date."""
-    return {"command": " ".join(["python", *sys.argv]), "commit": commit,
+    before the run) and the date. The command is ``sys.argv``, or ``script`` with ``argv``
+    when a bench's ``main`` was given its arguments (from a test, say)."""
+    words = sys.argv if argv is None else [script, *argv]
+    return {"command": " ".join(["python", *words]), "commit": commit,
             "date": time.strftime("%Y-%m-%d")}
 
 
@@ -126,6 +143,16 @@ def source_commit() -> str:
     changed = git("status", "--porcelain", "--untracked-files=no", "--", ".",
                   ":(exclude)bench/results", ":(exclude)bench/RESULTS.md").strip()
     return head + ("+dirty" if changed else "")
+
+
+def build_model(preset: dict):
+    """A random-weight model at ``preset``'s shapes, device and dtype; EOS never ends its
+    answers, so every image generates exactly the tokens asked for."""
+    from transformers import CLIPVisionConfig
+
+    cfg = FlexAttnConfig(**preset["llm"], eos_token_id=-1)
+    vc = CLIPVisionConfig(image_size=336, patch_size=14, **preset["clip"])
+    return random_model(cfg, vc, device=preset["device"], dtype=getattr(torch, preset["dtype"]))
 
 
 def sync(device: torch.device) -> None:
@@ -156,15 +183,29 @@ def run_batch(model, variants: list[str], images, batch: int, new_tokens: int,
     peak: dict[str, int] = dict.fromkeys(variants, 0)
     for v in variants:  # warm-up
         model.generate(imgs[:1], prompts[:1], max_new_tokens=2, mode=use_variant(model, v, base))
+    failed: dict[str, str] = {}  # variant -> out-of-memory message; its later repeats skipped
     for _ in range(repeats):
         for v in variants:
+            if v in failed:
+                continue
             mode = use_variant(model, v, base)
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
             sync(dev)
             t0 = time.perf_counter()
-            outs[v] = model.generate(imgs, prompts, max_new_tokens=new_tokens, mode=mode)
-            sync(dev)
+            try:
+                outs[v] = model.generate(imgs, prompts, max_new_tokens=new_tokens, mode=mode)
+                sync(dev)
+            except torch.OutOfMemoryError as exc:
+                # one point too big for the device (fullres at a large batch, say) must not
+                # lose the rest of the run: it becomes a row that says so
+                failed[v] = f"out of memory: {str(exc).splitlines()[0]}"
+            if v in failed:
+                # out of the except block, the failed call's frames and tensors are freed
+                outs.pop(v, None)
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
             walls[v].append(time.perf_counter() - t0)
             peak[v] = max(peak[v], torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
                           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
@@ -172,6 +213,10 @@ def run_batch(model, variants: list[str], images, batch: int, new_tokens: int,
     rows = []
     for v in variants:
         mode = use_variant(model, v, base)
+        if v in failed:
+            rows.append({"variant": v, "mode": mode, "batch": batch, "new_tokens": new_tokens,
+                         "error": failed[v]})
+            continue
         wall = statistics.median(walls[v])
         costs = [image_cost(model.config, model.module.vision_config, mode, text_tokens,
                             new_tokens, selected_frac=o.hr_selected_frac, tiles=o.tiles_encoded,
@@ -201,7 +246,7 @@ def run_batch(model, variants: list[str], images, batch: int, new_tokens: int,
 def ratios(rows: list[dict]) -> dict[str, float]:
     def get(variant, batch, key):
         for r in rows:
-            if r["variant"] == variant and r["batch"] == batch:
+            if r["variant"] == variant and r["batch"] == batch and "error" not in r:
                 return r[key]
         return float("nan")
 
@@ -231,6 +276,9 @@ def markdown(rows: list[dict], rat: dict[str, float]) -> str:
             " prompt tokens | selected frac | tiles | blocks projected | TFLOPs/image | peak GiB |")
     lines = [head, "|" + "---|" * 12]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | {r['batch']} | {r['error']} |" + " |" * 9)
+            continue
         lines.append(
             f"| {r['variant']} | {r['batch']} | {r['ms_per_image']:.0f} | {r['images_per_s']:.2f}"
             f" | {r['prefill_ms']:.0f} | {r['decode_ms_per_token']:.1f} | {r['prompt_tokens']}"
@@ -244,12 +292,13 @@ def markdown(rows: list[dict], rat: dict[str, float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-mini")
-    p.add_argument("--new-tokens", type=int, default=16)
-    p.add_argument("--batches", help="comma-separated batch sizes (default: the preset's)")
+    p.add_argument("--new-tokens", type=positive_int, default=16)
+    p.add_argument("--batches", type=batch_list,
+                   help="comma-separated batch sizes (default: the preset's)")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"comma-separated subset of {list(VARIANTS)}")
-    p.add_argument("--repeats", type=int, help="timed runs per point (median is reported)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--repeats", type=positive_int, help="timed runs per point (median is reported)")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     p.add_argument("--out", type=Path, help="JSON file for the results")
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
@@ -262,37 +311,37 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--preset {args.preset} needs a CUDA device")
     if args.threads:
         torch.set_num_threads(args.threads)
-    batches = [int(b) for b in args.batches.split(",")] if args.batches else preset["batches"]
-    from transformers import CLIPVisionConfig
-
-    cfg = FlexAttnConfig(**preset["llm"], eos_token_id=-1)  # EOS never ends a benchmark answer
-    vc = CLIPVisionConfig(image_size=336, patch_size=14, **preset["clip"])
-    dtype = getattr(torch, preset["dtype"])
+    batches = args.batches or preset["batches"]
     t0 = time.perf_counter()
-    model = random_model(cfg, vc, device=preset["device"], dtype=dtype)
+    model = build_model(preset)
     print(f"built {model.model_id} in {time.perf_counter() - t0:.1f}s", flush=True)
     images = make_images(max(batches))
-    rows = []
-    for b in batches:
+    device = (torch.cuda.get_device_name() if preset["device"] == "cuda"
+              else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    meta = {"preset": args.preset, **provenance(commit, argv, "bench/model_bench.py"),
+            "device": device,
+            "torch": torch.__version__, "dtype": preset["dtype"]}
+    rows: list[dict] = []
+    for i, b in enumerate(batches):
         todo = [v for v in variants
                 if VARIANTS[v][0] != "fullres" or b in preset["fullres_batches"]]
         for r in run_batch(model, todo, images, b, args.new_tokens,
                            args.repeats or preset["repeats"]):
             rows.append(r)
+            if "error" in r:
+                print(f"{r['variant']:22s} b={b:<3d} {r['error']}", flush=True)
+                continue
             print(f"{r['variant']:22s} b={b:<3d} {r['ms_per_image']:9.0f} ms/image"
                   f"  prefill {r['prefill_ms']:8.0f} ms  decode {r['decode_ms_per_token']:7.1f}"
                   f" ms/token  sel {r['hr_selected_frac']:.3f}  tiles {r['tiles_encoded']:.1f}"
                   f"  blocks {r['hr_blocks_projected']:.0f}  {r['tflops_per_image']:.3f} TFLOPs",
                   flush=True)
-    rows.sort(key=lambda r: (variants.index(r["variant"]), r["batch"]))
-    rat = ratios(rows)
-    device = (torch.cuda.get_device_name() if preset["device"] == "cuda"
-              else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    meta = {"preset": args.preset, **provenance(commit), "device": device,
-            "torch": torch.__version__, "dtype": preset["dtype"]}
+        rows.sort(key=lambda r: (variants.index(r["variant"]), r["batch"]))
+        # written after every batch size, so a run stopped by a time limit keeps what it measured
+        write_json(args.out, {"meta": {**meta, "complete": i == len(batches) - 1},
+                              "rows": rows, "ratios": ratios(rows)})
     print()
-    print(markdown(rows, rat))
-    write_json(args.out, {"meta": meta, "rows": rows, "ratios": rat})
+    print(markdown(rows, ratios(rows)))
     return 0
 
 
