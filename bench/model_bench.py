@@ -322,8 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     device = (torch.cuda.get_device_name() if preset["device"] == "cuda"
               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     meta = {"preset": args.preset, **provenance(commit, argv, "bench/model_bench.py"),
-            "device": device,
-            "torch": torch.__version__, "dtype": preset["dtype"]}
+            "device": device, "torch": torch.__version__, "dtype": preset["dtype"]}
     rows: list[dict] = []
     for i, b in enumerate(batches):
         todo = [v for v in variants

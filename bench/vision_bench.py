@@ -25,7 +25,15 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from model_bench import PRESETS, positive_int, provenance, source_commit, sync, write_json
+    from model_bench import (
+        PRESETS,
+        build_model,
+        positive_int,
+        provenance,
+        source_commit,
+        sync,
+        write_json,
+    )
 
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,15 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from transformers import CLIPVisionConfig
-
-    from flexattn.config import FlexAttnConfig
-    from flexattn.random_model import random_model
-
     commit = source_commit()
-    cfg = FlexAttnConfig(**preset["llm"])
-    vc = CLIPVisionConfig(image_size=336, patch_size=14, **preset["clip"])
-    model = random_model(cfg, vc, device=preset["device"], dtype=getattr(torch, preset["dtype"]))
+    model = build_model(preset)
     module, dev = model.module, model.device
     crops = torch.randn(args.crops, 3, 336, 336, device=dev, dtype=model.dtype)
     auto = module.vision_chunk(crops)
