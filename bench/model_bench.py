@@ -226,6 +226,13 @@ def run_batch(model, variants: list[str], images, batch: int, new_tokens: int,
                             blocks_projected=o.hr_blocks_projected,
                             reuse=model.config.hr_kv_reuse) for o in outs[v]]
         o = outs[v]
+        first = None  # keys projected for the first time per image and decode step
+        if model.config.hr_kv_reuse and not model.config.hr_kv_prefetch and mode == "flexattn":
+            # prefill projects exactly the blocks it selects (hr_selected_per_layer, in tokens)
+            blk = model.config.block_size ** 2
+            first = statistics.mean(
+                (x.hr_blocks_projected - sum(x.hr_selected_per_layer) // blk)
+                / max(1, x.generated_tokens - 1) for x in o)
         rows.append({
             "variant": v, "mode": mode, "batch": batch, "new_tokens": new_tokens,
             "wall_s": wall, "walls_s": walls[v], "ms_per_image": wall / batch * 1000,
@@ -237,6 +244,7 @@ def run_batch(model, variants: list[str], images, batch: int, new_tokens: int,
             "hr_selected_frac": statistics.mean(x.hr_selected_frac for x in o),
             "tiles_encoded": statistics.mean(x.tiles_encoded for x in o),
             "hr_blocks_projected": statistics.mean(x.hr_blocks_projected for x in o),
+            "decode_first_projections_per_step": first,
             "tflops_per_image": statistics.mean(c.total for c in costs) / 1e12,
             "tflops_parts": {k: statistics.mean(c.as_dict()[k] for c in costs) / 1e12
                              for k in ("vision", "prefill", "decode", "hr_kv")},
@@ -244,6 +252,45 @@ def run_batch(model, variants: list[str], images, batch: int, new_tokens: int,
         })
     model.module.config = base
     return rows
+
+
+def projection_gflops(model, blocks: int = 10, repeats: int = 5) -> float:
+    """GFLOP/s of ``k_proj_hd`` on ``blocks`` 8x8 blocks of features, best of ``repeats``:
+    the rate at which decode steps project the keys of newly selected blocks."""
+    cfg = model.config
+    lin = model.module.model.layers[-1].self_attn.k_proj_hd
+    x = torch.randn(blocks, cfg.block_size ** 2, cfg.hidden_size, device=model.device,
+                    dtype=model.dtype)
+    flops = 2 * x.shape[0] * x.shape[1] * lin.in_features * lin.out_features
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(repeats + 1):  # the first is a warm-up
+            sync(model.device)
+            t0 = time.perf_counter()
+            lin(x)
+            sync(model.device)
+            best = min(best, time.perf_counter() - t0)
+    return flops / best / 1e9
+
+
+def projection_floor(rows: list[dict], cfg, gflops: float) -> dict[str, float]:
+    """Lowest flexattn/lowres decode-step ratio that the measured first-time projections
+    allow: (lowres step + batch x new blocks per image and step x one block's k_proj_hd
+    FLOPs at ``gflops``) / lowres step, taking the hierarchical attention itself as free."""
+    block = 2 * cfg.block_size ** 2 * cfg.hidden_size * cfg.num_key_value_heads * cfg.head_dim
+    out = {}
+    for r in rows:
+        if r["variant"] != "flexattn" or "error" in r:
+            continue
+        low = [x for x in rows if x["variant"] == "lowres" and x["batch"] == r["batch"]
+               and "error" not in x]
+        if not low or r["decode_first_projections_per_step"] is None:
+            continue
+        ms = r["batch"] * r["decode_first_projections_per_step"] * block / (gflops * 1e9) * 1e3
+        step = low[0]["decode_ms_per_token"]
+        out[f"b{r['batch']} flexattn/lowres decode step, floor from first projections"] = (
+            (step + ms) / step)
+    return out
 
 
 def ratios(rows: list[dict]) -> dict[str, float]:
@@ -274,19 +321,27 @@ def ratios(rows: list[dict]) -> dict[str, float]:
     return {k: v for k, v in out.items() if v == v}  # drop NaN (missing combinations)
 
 
+def all_ratios(rows: list[dict], cfg, gflops: float) -> dict[str, float]:
+    return {**ratios(rows), **projection_floor(rows, cfg, gflops)}
+
+
 def markdown(rows: list[dict], rat: dict[str, float]) -> str:
     head = ("| variant | batch | ms/image | images/s | prefill ms | decode ms/token |"
-            " prompt tokens | selected frac | tiles | blocks projected | TFLOPs/image | peak GiB |")
-    lines = [head, "|" + "---|" * 12]
+            " prompt tokens | selected frac | tiles | blocks projected |"
+            " first projections per decode step | TFLOPs/image | peak GiB |")
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
+        first = r.get("decode_first_projections_per_step")
+        first = "" if first is None else f"{first:.1f}"
         if "error" in r:
-            lines.append(f"| {r['variant']} | {r['batch']} | {r['error']} |" + " |" * 9)
+            lines.append(f"| {r['variant']} | {r['batch']} | {r['error']} |" + " |" * 10)
             continue
         lines.append(
             f"| {r['variant']} | {r['batch']} | {r['ms_per_image']:.0f} | {r['images_per_s']:.2f}"
             f" | {r['prefill_ms']:.0f} | {r['decode_ms_per_token']:.1f} | {r['prompt_tokens']}"
             f" | {r['hr_selected_frac']:.3f} | {r['tiles_encoded']:.1f}"
-            f" | {r['hr_blocks_projected']:.0f} | {r['tflops_per_image']:.3f} | {r['peak_mem_gib']:.2f} |")
+            f" | {r['hr_blocks_projected']:.0f} | {first}"
+            f" | {r['tflops_per_image']:.3f} | {r['peak_mem_gib']:.2f} |")
     lines += ["", "| ratio | value |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in rat.items()]
     return "\n".join(lines)
@@ -318,11 +373,14 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     model = build_model(preset)
     print(f"built {model.model_id} in {time.perf_counter() - t0:.1f}s", flush=True)
+    gflops = projection_gflops(model)
+    print(f"k_proj_hd on 10 blocks: {gflops:.1f} GFLOP/s", flush=True)
     images = make_images(max(batches))
     device = (torch.cuda.get_device_name() if preset["device"] == "cuda"
               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     meta = {"preset": args.preset, **provenance(commit, argv, "bench/model_bench.py"),
-            "device": device, "torch": torch.__version__, "dtype": preset["dtype"]}
+            "device": device, "torch": torch.__version__, "dtype": preset["dtype"],
+            "projection_gflops": gflops}
     rows: list[dict] = []
     for i, b in enumerate(batches):
         todo = [v for v in variants
@@ -341,9 +399,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.sort(key=lambda r: (variants.index(r["variant"]), r["batch"]))
         # written after every batch size, so a run stopped by a time limit keeps what it measured
         write_json(args.out, {"meta": {**meta, "complete": i == len(batches) - 1},
-                              "rows": rows, "ratios": ratios(rows)})
+                              "rows": rows, "ratios": all_ratios(rows, model.config, gflops)})
     print()
-    print(markdown(rows, ratios(rows)))
+    print(markdown(rows, all_ratios(rows, model.config, gflops)))
     return 0
 
 

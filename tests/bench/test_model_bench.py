@@ -34,6 +34,7 @@ def test_writes_a_row_per_variant_and_batch_with_its_provenance(tiny_run):
     assert meta["preset"] == "cpu-tiny" and meta["complete"] is True
     assert meta["dtype"] == "float32" and meta["torch"] == torch.__version__
     assert meta["commit"] == model_bench.source_commit()
+    assert meta["projection_gflops"] > 0  # k_proj_hd's measured rate, for the floor ratios
     expected = [(v, b) for v in model_bench.VARIANTS for b in TINY["batches"]
                 if v != "fullres" or b in TINY["fullres_batches"]]
     assert [(r["variant"], r["batch"]) for r in rows] == expected
@@ -130,3 +131,44 @@ def test_a_bad_flag_is_named(flag, value, capsys):
         model_bench.main(["--preset", "cpu-tiny", flag, value])
     assert exc.value.code == 2
     assert flag in capsys.readouterr().err
+
+
+def test_first_projections_per_decode_step_match_the_models_own_masks():
+    # Reference: the block masks that the FlexAttention layers used at each step
+    # (return_trace), counting each (layer, block) pair at the first step that uses it.
+    model = model_bench.build_model(TINY)
+    images = model_bench.make_images(2)
+    new_tokens = 5
+    row = model_bench.run_batch(model, ["flexattn"], images, batch=2, new_tokens=new_tokens,
+                                repeats=1)[0]
+    outs = model.generate(images, [model_bench.llava_v1_prompt(model_bench.QUESTION)] * 2,
+                          max_new_tokens=new_tokens, mode="flexattn", return_trace=True)
+    per_image = []
+    for o in outs:
+        used = o.trace["block_masks"][:, :-1]  # [steps, flex layers, 81]: the last is unused
+        seen = used[0].clone()
+        first = 0
+        for step in range(1, used.shape[0]):
+            first += int((used[step] & ~seen).sum())
+            seen |= used[step]
+        assert int(seen.sum()) == o.hr_blocks_projected  # each pair projected exactly once
+        per_image.append(first / (new_tokens - 1))
+    assert row["decode_first_projections_per_step"] == pytest.approx(sum(per_image) / 2)
+    assert max(per_image) > 0  # random weights: the selection moves while decoding
+    prefetch = model_bench.run_batch(model, ["flexattn-kv-prefetch", "lowres"], images, batch=2,
+                                     new_tokens=2, repeats=1)
+    assert [r["decode_first_projections_per_step"] for r in prefetch] == [None, None]
+
+
+def test_projection_floor_is_the_lowres_step_plus_the_first_projections():
+    cfg = model_bench.build_model(TINY).config
+    rows = [{"variant": "lowres", "batch": 4, "decode_ms_per_token": 50.0},
+            {"variant": "flexattn", "batch": 4, "decode_ms_per_token": 90.0,
+             "decode_first_projections_per_step": 2.5},
+            {"variant": "flexattn", "batch": 8, "decode_ms_per_token": 90.0,
+             "decode_first_projections_per_step": 2.5}]  # no lowres row at batch 8
+    block = 2 * 64 * cfg.hidden_size * cfg.num_key_value_heads * cfg.head_dim
+    floor = model_bench.projection_floor(rows, cfg, gflops=10.0)
+    ms = 4 * 2.5 * block / 10e9 * 1e3
+    assert floor == {"b4 flexattn/lowres decode step, floor from first projections":
+                     pytest.approx((50.0 + ms) / 50.0)}
