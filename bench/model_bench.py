@@ -398,10 +398,11 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
         rows.sort(key=lambda r: (variants.index(r["variant"]), r["batch"]))
         # written after every batch size, so a run stopped by a time limit keeps what it measured
+        rat = all_ratios(rows, model.config, gflops)
         write_json(args.out, {"meta": {**meta, "complete": i == len(batches) - 1},
-                              "rows": rows, "ratios": all_ratios(rows, model.config, gflops)})
+                              "rows": rows, "ratios": rat})
     print()
-    print(markdown(rows, all_ratios(rows, model.config, gflops)))
+    print(markdown(rows, rat))
     return 0
 
 
