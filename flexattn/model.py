@@ -10,8 +10,9 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm, LlamaRotaryEmbedding
 
-from .attention import FlexState, HierarchicalAttention, KVCache
+from .attention import FlexInputs, HierarchicalAttention, KVCache, StepRecord, image_attention
 from .config import FlexAttnConfig
+from .selection import select_high_res
 
 
 class DecoderLayer(nn.Module):
@@ -25,10 +26,12 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache,
                 start: int, sdpa_mask: torch.Tensor | None, key_valid: torch.Tensor,
-                flex: FlexState | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, sdpa_mask,
-                               key_valid, flex)
-        return x + self.mlp(self.post_attention_layernorm(x))
+                flex: FlexInputs | None, hr_mask: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn, probs = self.self_attn(self.input_layernorm(x), cos, sin, cache, start, sdpa_mask,
+                                     key_valid, flex, hr_mask)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), probs
 
 
 class LlavaFlexAttnModel(nn.Module):
@@ -111,21 +114,81 @@ class LlavaFlexAttnForCausalLM(nn.Module):
         x = tile_feats.view(n, z, z, g, g, c).permute(0, 1, 3, 2, 4, 5)  # [N, Zr, Gr, Zc, Gc, C]
         return x.reshape(n, cfg.hr_tokens, c)
 
+    def ensure_tiles(self, flex: FlexInputs, blocks: torch.Tensor) -> None:
+        """Encode the tiles holding any of ``blocks`` ([B, P*P] bool) not encoded yet, into
+        ``flex.hr.blocks`` (lazy tiles; nothing to do when every tile was encoded up front)."""
+        hr, cfg = flex.hr, flex.cfg
+        if hr.tile_pixels is None:
+            return
+        z, per = cfg.zoom_ratio, cfg.pool_grid // cfg.zoom_ratio  # 3 tiles, 3 blocks a side
+        b = blocks.shape[0]
+        want = blocks.view(b, z, per, z, per).any(dim=4).any(dim=2).view(b, z * z)
+        new = want & ~hr.tile_done
+        if not new.any():
+            return
+        bi, ti = new.nonzero(as_tuple=True)
+        feats = self.encode_crops(hr.tile_pixels[bi, ti])  # [n, G*G, hidden]
+        s = cfg.block_size
+        n, _, c = feats.shape
+        # tile grid G x G -> its per x per blocks of s x s tokens, block-major
+        per_tile = feats.view(n, per, s, per, s, c).permute(0, 1, 3, 2, 4, 5)
+        per_tile = per_tile.reshape(n, per * per, s * s, c)
+        r = torch.arange(per, device=blocks.device)
+        rows = (ti // z).view(-1, 1, 1) * per + r.view(1, -1, 1)  # [n, per, 1]
+        cols = (ti % z).view(-1, 1, 1) * per + r.view(1, 1, -1)  # [n, 1, per]
+        block_ids = (rows * cfg.pool_grid + cols).view(n, per * per)
+        hr.blocks[bi.view(-1, 1), block_ids] = per_tile.to(hr.blocks.dtype)
+        hr.tile_done |= new
+
     # decoder ------------------------------------------------------------------------------------
     def forward_step(self, embeds: torch.Tensor, positions: torch.Tensor, start: int,
                      sdpa_mask: torch.Tensor | None, key_valid: torch.Tensor, caches: list[KVCache],
-                     flex: FlexState | None) -> torch.Tensor:
-        """One prefill or decode step.
+                     flex: FlexInputs | None) -> tuple[torch.Tensor, StepRecord]:
+        """One prefill, decode or teacher-forced step.
 
         embeds: [B, T, hidden] written at cache slots start..start+T-1; positions: [B, T] rotary
         positions; sdpa_mask: [B, 1, T, start+T] bool, or None for an unpadded batch;
         key_valid: [B, start+T] bool.
-        Returns float32 logits of the last position: [B, vocab]."""
+        Returns float32 logits of the flex rows (the last ``flex.rows`` positions; the last
+        position without FlexAttention): [B, R, vocab], and what the FlexAttention layers did.
+        Each selecting layer's map makes the selection the next layer reads."""
         cos, sin = self.rotary(embeds, positions)
-        if flex is not None:
-            flex.begin_step()
-        h = embeds
+        record = StepRecord()
+        h, hr_mask = embeds, None
         for layer, cache in zip(self.model.layers, caches):
-            h = layer(h, cos, sin, cache, start, sdpa_mask, key_valid, flex)
-        h = self.model.norm(h[:, -1:])
-        return self.lm_head(h)[:, 0].float()
+            attn = layer.self_attn
+            if attn.is_flex and hr_mask is not None:
+                self.ensure_tiles(flex, flex.has_image.view(-1, 1).expand(-1, hr_mask.shape[-1])
+                                  if flex.cfg.hr_kv_prefetch else hr_mask.any(1))
+                record.used.append(hr_mask)
+            h, probs = layer(h, cos, sin, cache, start, sdpa_mask, key_valid, flex, hr_mask)
+            if probs is not None:
+                hr_mask = self.next_selection(flex, attn.layer_idx, probs, record)
+        rows = flex.rows if flex is not None else 1
+        h = self.model.norm(h[:, -rows:])
+        return self.lm_head(h).float(), record
+
+    @staticmethod
+    def next_selection(flex: FlexInputs, layer_idx: int, probs: torch.Tensor,
+                       record: StepRecord) -> torch.Tensor | None:
+        """The selection layer ``layer_idx`` makes for the next one from its flex rows'
+        sequence attention probs [B, R, S]: [B, R, P*P] bool (None after the last layer, whose
+        selection nothing reads, unless maps are kept)."""
+        cfg = flex.cfg
+        amap = image_attention(probs, flex)  # [B, R, G*G]
+        if layer_idx == cfg.select_layer:
+            record.select_map = amap
+        if layer_idx == cfg.num_hidden_layers - 1 and not flex.keep_maps:
+            return None
+        b, r, n = amap.shape
+        mask = select_high_res(amap.detach().reshape(b * r, n), flex.keep.repeat_interleave(r, 0),
+                               cfg.threshold, cfg.pool_grid).view(b, r, -1)
+        mask &= flex.has_image.view(-1, 1, 1)
+        if flex.row_valid is not None:
+            mask &= flex.row_valid.unsqueeze(-1)
+        if flex.forced is not None:
+            mask = torch.where(flex.forced_on.view(-1, 1, 1), flex.forced, mask)
+        if flex.keep_maps:
+            record.maps.append(amap)
+            record.masks.append(mask)
+        return mask

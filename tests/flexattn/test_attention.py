@@ -4,11 +4,17 @@ against a plain eager implementation that concatenates keys and masks explicitly
 from __future__ import annotations
 
 import torch
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from flexattn.attention import FlexState, HierarchicalAttention, KVCache
+from flexattn.attention import (
+    FlexInputs,
+    HierarchicalAttention,
+    HighResCache,
+    KVCache,
+    image_attention,
+)
 from flexattn.config import FlexAttnConfig
 from flexattn.selection import blocks_to_tokens, hr_rope_tables, margin_keep, to_blocks
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 CFG = FlexAttnConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                      num_attention_heads=4, num_key_value_heads=2, select_layer=1,
@@ -79,11 +85,11 @@ def test_hierarchical_attention_matches_eager_reference():
     blocks_step2[1, [2, 60]] = True  # new blocks: projected at step 2, old ones reused
     blocks_step2[2, 5] = True
     pads = [t - n for n in lengths]
-    flex = FlexState(cfg=CFG, image_slot=torch.tensor(pads) + torch.tensor(offsets),
-                     has_image=torch.ones(b, dtype=torch.bool),
-                     keep=margin_keep(torch.tensor([[100, 100]] * b), 24),
-                     hr_blocks=to_blocks(hr_feats, 72, 9), hr_cos=to_blocks(hr_cos, 72, 9),
-                     hr_sin=to_blocks(hr_sin, 72, 9), trace=True)
+    hr = HighResCache(blocks=to_blocks(hr_feats, 72, 9), cos=to_blocks(hr_cos, 72, 9),
+                      sin=to_blocks(hr_sin, 72, 9))
+    flex = FlexInputs(cfg=CFG, image_slot=torch.tensor(pads) + torch.tensor(offsets),
+                      has_image=torch.ones(b, dtype=torch.bool),
+                      keep=margin_keep(torch.tensor([[100, 100]] * b), 24), hr=hr)
     x = torch.randn(b, t, 32)
     positions = torch.stack([(torch.arange(t) - p).clamp(min=0) for p in pads])
     key_valid = torch.zeros(b, t + 1, dtype=torch.bool)
@@ -94,19 +100,16 @@ def test_hierarchical_attention_matches_eager_reference():
     mask = (causal & (key_valid[:, None, :t] | torch.eye(t, dtype=torch.bool))).unsqueeze(1)
     cos, sin = rot(x, positions)
     with torch.no_grad():
-        flex.begin_step()
-        flex.block_mask = blocks
-        y1 = attn(x, cos, sin, cache, 0, mask, key_valid[:, :t], flex)
-        map1 = flex.step_maps[0]
+        y1, probs1 = attn(x, cos, sin, cache, 0, mask, key_valid[:, :t], flex, blocks[:, None])
+        map1 = image_attention(probs1, flex)[:, 0]
         x2 = torch.randn(b, 1, 32)
         pos2 = torch.tensor(lengths).view(-1, 1)
         cos2, sin2 = rot(x2, pos2)
-        flex.begin_step()
-        flex.block_mask = blocks_step2
-        projected_before = flex.blocks_projected.clone()
-        y2 = attn(x2, cos2, sin2, cache, t, key_valid[:, None, None, :], key_valid, flex)
+        projected_before = hr.projected[2].sum(1)
+        y2, _ = attn(x2, cos2, sin2, cache, t, key_valid[:, None, None, :], key_valid, flex,
+                     blocks_step2[:, None])
         # only the new blocks are projected: none for sample 0, two for 1, one for 2
-        assert (flex.blocks_projected - projected_before).tolist() == [0, 2, 1]
+        assert (hr.projected[2].sum(1) - projected_before).tolist() == [0, 2, 1]
         for i in range(b):
             p = pads[i]
             ref1, k, v, probs = eager_layer(
