@@ -46,24 +46,19 @@ class HighResCache:
     """The high-resolution side of one batched generation: plain storage.
 
     blocks: [B, P*P, s*s, hidden] projected CLIP features of the 1008 view grouped by 8x8 block
-    (block-major); with lazy tiles, filled tile by tile as their blocks are first selected, and
-    ``tile_pixels`` [B, Z*Z, 3, t, t] holds the normalised 336 tiles still to encode, with
-    ``tile_done`` [B, Z*Z] marking those encoded. cos, sin: [B, P*P, s*s, D] float32 rotary
+    (block-major); with lazy tiles, filled tile by tile as their blocks are first selected from
+    ``pixels`` [B, 3, Z*t, Z*t], the normalised 1008 view, with ``tile_done`` [B, Z*Z] marking
+    the 336 tiles encoded. cos, sin: [B, P*P, s*s, D] float32 rotary
     tables of the high-resolution keys. keys[layer]: [B, Hkv, P*P, s*s, D] keys of the blocks
     whose ``projected[layer]`` [B, P*P] is set."""
 
     blocks: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
-    tile_pixels: torch.Tensor | None = None
+    pixels: torch.Tensor | None = None
     tile_done: torch.Tensor | None = None
     keys: dict[int, torch.Tensor] = field(default_factory=dict)
     projected: dict[int, torch.Tensor] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.tile_pixels is not None and self.tile_done is None:
-            self.tile_done = torch.zeros(self.tile_pixels.shape[:2], dtype=torch.bool,
-                                         device=self.tile_pixels.device)
 
     def layer_keys(self, layer_idx: int, hkv: int, head_dim: int
                    ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,9 +101,9 @@ class StepRecord:
     """What one forward step's FlexAttention layers did, for statistics and losses.
 
     used: one [B, rows, P*P] block mask per FlexAttention layer that attended (the selection it
-    read); maps / masks: with ``keep_maps``, one [B, rows, G*G] map and the [B, rows, P*P] mask
-    made from it per selecting layer (layers s .. L-1); select_map: [B, rows, G*G] the map of
-    layer s."""
+    read, a forced one included); maps / masks: with ``keep_maps``, one [B, rows, G*G] map and
+    the [B, rows, P*P] mask the model made from it per selecting layer (layers s .. L-1);
+    select_map: [B, rows, G*G] the map of layer s."""
 
     used: list[torch.Tensor] = field(default_factory=list)
     maps: list[torch.Tensor] = field(default_factory=list)

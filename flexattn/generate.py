@@ -58,12 +58,12 @@ class Generation:
 @dataclass
 class VisionFeatures:
     """The vision side of a batch. f_lr: [B, 576, hidden] (zeros where a sample has no image);
-    f_hr: [B, 5184, hidden] row-major, when every tile was encoded up front; tile_pixels:
-    [B, Z*Z, 3, t, t] normalised tiles left for lazy encoding."""
+    f_hr: [B, 5184, hidden] row-major, when every tile was encoded up front; pixels:
+    [B, 3, Z*t, Z*t] the normalised 1008 views, for tiles encoded lazily."""
 
     f_lr: torch.Tensor
     f_hr: torch.Tensor | None = None
-    tile_pixels: torch.Tensor | None = None
+    pixels: torch.Tensor | None = None
 
 
 @dataclass
@@ -259,8 +259,9 @@ class LlavaFlexAttn:
             f_hr = self.module.stitch(feats[n:].view(n, z2, cfg.lr_tokens, -1))
             out.f_hr[with_img] = f_hr
         if lazy:
-            out.tile_pixels = torch.zeros(b, z2, 3, t, t, device=self.device, dtype=dtype)
-            out.tile_pixels[with_img] = tiles(hr, t).view(n, z2, 3, t, t).to(dtype)
+            hr = hr.to(dtype)
+            out.pixels = hr if n == b else hr.new_zeros(b, *hr.shape[1:]).index_copy(
+                0, torch.tensor(with_img, device=self.device), hr)
         return out
 
     @torch.inference_mode()
@@ -331,7 +332,8 @@ class LlavaFlexAttn:
                              device=device, dtype=dtype)
         hr = HighResCache(blocks=blocks, cos=to_blocks(hr_cos, cfg.hr_grid, cfg.pool_grid),
                           sin=to_blocks(hr_sin, cfg.hr_grid, cfg.pool_grid),
-                          tile_pixels=vision.tile_pixels)
+                          pixels=vision.pixels, tile_done=None if vision.pixels is None else
+                          torch.zeros(b, cfg.zoom_ratio ** 2, dtype=torch.bool, device=device))
         has_image = torch.tensor([im is not None for im in images], device=device)
         return FlexInputs(cfg=cfg, image_slot=seq.image_slot, has_image=has_image, keep=keep,
                           hr=hr, **options)

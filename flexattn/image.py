@@ -44,10 +44,12 @@ def normalise(images: list[Image.Image], mean: tuple[float, float, float],
 
     The uint8 pixels move to ``device`` first, so the float work happens there."""
     arr = np.stack([np.asarray(im, dtype=np.uint8) for im in images])  # [N, H, W, 3]
-    x = torch.from_numpy(arr).to(device).permute(0, 3, 1, 2).to(torch.float32) * (1.0 / 255.0)
+    # channels first and contiguous while still uint8, then in place: the same arithmetic as
+    # (x / 255 - mean) / std, several times faster than on a channels-last float view
+    x = torch.from_numpy(arr).to(device).permute(0, 3, 1, 2).contiguous().to(torch.float32)
     m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    return (x - m) / s
+    return x.mul_(1.0 / 255.0).sub_(m).div_(s)
 
 
 def lowres_view(highres: torch.Tensor, lowres_size: int) -> torch.Tensor:

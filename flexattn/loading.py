@@ -213,11 +213,14 @@ def _original_config(raw: dict[str, Any]) -> FlexAttnConfig:
         mm_hidden_size=raw.get("mm_hidden_size", 1024),
         mm_projector_type=raw.get("mm_projector_type", "mlp2x_gelu"),
         mm_vision_select_layer=raw.get("mm_vision_select_layer", -2),
-        select_layer=8,  # not stored: 8 for every checkpoint of this layout
+        # not stored by the published checkpoints, where it is 8 whatever the depth; a model
+        # trained here with another s says so in extra.select_layer
+        select_layer=int(extra.get("select_layer", 8)),
         threshold=float(extra.get("threshold", 48)), lowres_size=int(extra.get("lowres_size", 336)),
         highres_size=int(extra.get("highres_size", 1008)), zoom_ratio=zoom, pool_grid=3 * zoom,
         extra={k: v for k, v in extra.items()
-               if k not in ("threshold", "lowres_size", "highres_size", "zoom_ratio")})
+               if k not in ("threshold", "lowres_size", "highres_size", "zoom_ratio",
+                            "select_layer")})
 
 
 def _lm_state(raw: dict[str, torch.Tensor], cfg: FlexAttnConfig) -> dict[str, torch.Tensor]:

@@ -118,7 +118,7 @@ class LlavaFlexAttnForCausalLM(nn.Module):
         """Encode the tiles holding any of ``blocks`` ([B, P*P] bool) not encoded yet, into
         ``flex.hr.blocks`` (lazy tiles; nothing to do when every tile was encoded up front)."""
         hr, cfg = flex.hr, flex.cfg
-        if hr.tile_pixels is None:
+        if hr.pixels is None:
             return
         z, per = cfg.zoom_ratio, cfg.pool_grid // cfg.zoom_ratio  # 3 tiles, 3 blocks a side
         b = blocks.shape[0]
@@ -127,7 +127,11 @@ class LlavaFlexAttnForCausalLM(nn.Module):
         if not new.any():
             return
         bi, ti = new.nonzero(as_tuple=True)
-        feats = self.encode_crops(hr.tile_pixels[bi, ti])  # [n, G*G, hidden]
+        t = cfg.lowres_size
+        crops = torch.stack([hr.pixels[i, :, r * t:(r + 1) * t, c * t:(c + 1) * t]
+                             for i, r, c in zip(bi.tolist(), (ti // z).tolist(),
+                                                (ti % z).tolist())])
+        feats = self.encode_crops(crops)  # [n, G*G, hidden]
         s = cfg.block_size
         n, _, c = feats.shape
         # tile grid G x G -> its per x per blocks of s x s tokens, block-major
@@ -186,9 +190,9 @@ class LlavaFlexAttnForCausalLM(nn.Module):
         mask &= flex.has_image.view(-1, 1, 1)
         if flex.row_valid is not None:
             mask &= flex.row_valid.unsqueeze(-1)
-        if flex.forced is not None:
-            mask = torch.where(flex.forced_on.view(-1, 1, 1), flex.forced, mask)
         if flex.keep_maps:
             record.maps.append(amap)
-            record.masks.append(mask)
+            record.masks.append(mask)  # the model's own, also where one is forced
+        if flex.forced is not None:
+            mask = torch.where(flex.forced_on.view(-1, 1, 1), flex.forced, mask)
         return mask

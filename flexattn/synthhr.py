@@ -151,7 +151,13 @@ def draw_scene(seed: int, index: int, size: int = SIZE) -> Scene:
     """Image ``index`` of the set ``seed``, its boxes and the box its pattern question names."""
     rng = np.random.default_rng([seed, index])
     canvas = background(rng, size)
-    image = np.clip(np.rint(canvas), 30, 225).astype(np.uint8)
+    return draw_boxes(np.clip(np.rint(canvas), 30, 225).astype(np.uint8), rng)
+
+
+def draw_boxes(image: np.ndarray, rng: np.random.Generator) -> Scene:
+    """Boxes drawn on ``image`` (uint8 [size, size, 3], changed in place), and the box the
+    pattern question names."""
+    size = image.shape[0]
     squares = place_boxes(rng, size)
     names = list(COLOURS)
     colours = [names[i] for i in rng.permutation(len(names))[:len(squares)]]

@@ -463,7 +463,8 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def train_tiny_tokenizer(out_dir: Path, vocab_size: int = 320) -> Path:
+def train_tiny_tokenizer(out_dir: Path, vocab_size: int = 320,
+                         corpus: tuple[str, ...] = _CORPUS) -> Path:
     """Train a tiny Llama-like sentencepiece BPE tokenizer on an embedded English corpus.
 
     Settings follow Llama's tokenizer: byte fallback, ``<unk>``=0, ``<s>``=1, ``</s>``=2, no
@@ -476,6 +477,7 @@ def train_tiny_tokenizer(out_dir: Path, vocab_size: int = 320) -> Path:
             ``special_tokens_map.json`` into (created if missing).
         vocab_size: number of pieces; at least 3 + 256 + 58 (specials, bytes, corpus characters)
             and small enough that the corpus offers that many merges.
+        corpus: the training sentences (default: the embedded English corpus).
 
     Returns:
         The path of ``tokenizer.model``.
@@ -486,7 +488,7 @@ def train_tiny_tokenizer(out_dir: Path, vocab_size: int = 320) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_CORPUS),
+        sentence_iterator=iter(corpus),
         model_writer=buf,
         model_type="bpe",
         vocab_size=vocab_size,
@@ -926,3 +928,49 @@ def demo_model_path(root: Path | None = None) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return llava_dir
+
+
+# --------------------------------------------------------------------------------------------
+# A loaded model written back in the original layout
+# --------------------------------------------------------------------------------------------
+
+
+def export_original(model: Any, out_dir: Path, tower_dir: str = "vision_tower") -> Path:
+    """Write a loaded ``LlavaFlexAttn`` in the original layout: ``out_dir/config.json``
+    (``llava_llama``, ``extra`` as strings, ``extra.select_layer`` when s is not 8),
+    ``model.safetensors`` in the model's dtype, the tokenizer, and the CLIP tower in
+    ``out_dir/<tower_dir>`` (``mm_vision_tower`` relative to the model folder)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    module, cfg = model.module, model.config
+    vc = module.vision_config
+    dtype = model.dtype
+    tower = out / tower_dir
+    tower.mkdir(parents=True, exist_ok=True)
+    for stale in tower.glob("model*.safetensors*"):
+        stale.unlink()
+    vc.save_pretrained(tower)
+    clip = {"vision_model." + k: v.detach().to("cpu", dtype)
+            for k, v in module.vision_tower.state_dict().items() if not k.endswith("position_ids")}
+    _save_safetensors(clip, tower / "model.safetensors")
+    _write_json(tower / "preprocessor_config.json", _clip_preprocessor_config(cfg.lowres_size))
+    state = {k: v.detach().to("cpu", dtype) for k, v in module.state_dict().items()
+             if not k.startswith("vision_tower.") and "rotary" not in k}
+    _save_safetensors(state, out / "model.safetensors")
+    config = _llava_config(llm_layers=cfg.num_hidden_layers, hidden=cfg.hidden_size,
+                           heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,
+                           intermediate=cfg.intermediate_size, vocab_size=cfg.vocab_size,
+                           clip_hidden=cfg.mm_hidden_size, dtype=dtype)
+    config["_name_or_path"] = out.name
+    config["mm_vision_tower"] = tower_dir
+    config["mm_vision_select_layer"] = cfg.mm_vision_select_layer
+    config["extra"] = {"highres_size": str(cfg.highres_size), "lowres_size": str(cfg.lowres_size),
+                       "threshold": f"{cfg.threshold:g}", "zoom_ratio": str(cfg.zoom_ratio)}
+    if cfg.select_layer != 8:
+        config["extra"]["select_layer"] = str(cfg.select_layer)
+    _write_json(out / "config.json", config)
+    _write_json(out / "generation_config.json", _generation_config())
+    (out / "tokenizer.model").write_bytes(model.tokenizer.path.read_bytes())
+    _write_json(out / "tokenizer_config.json", _tokenizer_config())
+    _write_json(out / "special_tokens_map.json", _special_tokens_map())
+    return out

@@ -1,0 +1,583 @@
+"""Training recipe of the SynthHR mini LLaVA-FlexAttn (``models/synthhr-mini``).
+
+    python -m flexattn.train --out runs/synthhr-mini --export models/synthhr-mini
+
+Every step is one batch of SynthHR questions (``flexattn.synthhr``; images drawn on the fly,
+sample ``i`` a function of ``(seed, i)``) through ``LlavaFlexAttn.teacher_forward``: prompt
+plus answer in one forward that predicts each answer token exactly as ``generate``'s decode
+step does, selection included. Selection is a hard threshold, so three signals teach the two
+halves of the task:
+
+- **finding the box** (no gradient reaches it through the answer): a cross-entropy between
+  layer s's attention of each answer row over the 576 image tokens (summed over heads,
+  renormalised) and the named box's low-res tokens (pattern questions) or the tokens holding
+  each box's centre (count questions);
+- **reading it**: for a share of the samples that falls from 1 to ``oracle_floor`` over
+  ``oracle_steps``, the box's own cells are put in place of the model's selection, so the
+  answer's gradient reaches the high-res path before the model finds boxes on its own;
+- **features**: two linear probes, dropped after training, ask the CLIP features for each
+  low-res token's box colour and each high-res token's pattern.
+
+Checkpoints (``OUT/checkpoint.pt``, every ``--checkpoint-every`` steps and at the end) hold
+the model, probes, optimiser and step, so a stopped run resumes where it stopped with the same
+data. ``export`` writes the original LLaVA-FlexAttn layout with the CLIP tower beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from . import synthhr
+from .config import FlexAttnConfig
+from .conversation import llava_v1_prompt
+from .generate import LlavaFlexAttn
+from .model import LlavaFlexAttnForCausalLM
+from .selection import to_blocks
+from .tokenizer import PromptTokenizer
+
+log = logging.getLogger(__name__)
+
+FEATURE_SCALE = 4.0
+ANSWER_SUFFIX = "Answer the question using a single word or phrase."
+CHECKPOINT = "checkpoint.pt"
+
+# model shapes: the real 336/1008 geometry, 24x24 and 72x72 grids, 9x9 cells
+PRESETS = {
+    "mini": {"hidden": 128, "heads": 4, "intermediate": 352, "layers": 3, "select_layer": 1,
+             "vocab": 700, "clip_hidden": 64, "clip_heads": 4, "clip_intermediate": 256,
+             "clip_layers": 1},
+    "mini4s2": {"hidden": 128, "heads": 4, "intermediate": 352, "layers": 4, "select_layer": 2,
+                "vocab": 700, "clip_hidden": 64, "clip_heads": 4, "clip_intermediate": 256,
+                "clip_layers": 1},
+    "mini4s1": {"hidden": 128, "heads": 4, "intermediate": 352, "layers": 4, "select_layer": 1,
+                "vocab": 700, "clip_hidden": 64, "clip_heads": 4, "clip_intermediate": 256,
+                "clip_layers": 1},
+    "tiny": {"hidden": 32, "heads": 2, "intermediate": 64, "layers": 3, "select_layer": 1,
+             "vocab": 700, "clip_hidden": 16, "clip_heads": 2, "clip_intermediate": 32,
+             "clip_layers": 1},
+}
+
+
+def question_prompt(question: str) -> str:
+    """A SynthHR question the way the RSVQA job asks it."""
+    return llava_v1_prompt(f"{question}\n{ANSWER_SUFFIX}")
+
+
+def tokenizer_corpus() -> tuple[str, ...]:
+    """The English corpus of the demo tokenizer plus every SynthHR prompt and answer, so that
+    colours and answers are single pieces."""
+    from .testing import _CORPUS
+
+    lines = list(_CORPUS)
+    questions = [synthhr.PATTERN_QUESTION.format(colour=c) for c in synthhr.COLOURS]
+    questions.append(synthhr.COUNT_QUESTION)
+    answers = [*synthhr.PATTERNS, *synthhr.COUNT_WORDS.values()]
+    for q in questions:
+        lines += [question_prompt(q).replace("<image>", "") + f" {a}" for a in answers]
+    lines += [" ".join(answers)] * 20
+    return tuple(lines)
+
+
+def build_model(preset: str, seed: int, workdir: Path) -> LlavaFlexAttn:
+    """A freshly initialised model of ``preset`` with a sentencepiece tokenizer trained on
+    ``tokenizer_corpus`` (written under ``workdir``)."""
+    from transformers import CLIPVisionConfig
+
+    from .testing import train_tiny_tokenizer
+
+    p = PRESETS[preset]
+    train_tiny_tokenizer(workdir, vocab_size=p["vocab"], corpus=tokenizer_corpus())
+    tok = PromptTokenizer.from_dir(workdir)
+    cfg = FlexAttnConfig(
+        vocab_size=p["vocab"], hidden_size=p["hidden"], intermediate_size=p["intermediate"],
+        num_hidden_layers=p["layers"], num_attention_heads=p["heads"],
+        num_key_value_heads=p["heads"], mm_hidden_size=p["clip_hidden"],
+        mm_vision_select_layer=-1, select_layer=p["select_layer"])
+    vc = CLIPVisionConfig(hidden_size=p["clip_hidden"], intermediate_size=p["clip_intermediate"],
+                          num_hidden_layers=p["clip_layers"], num_attention_heads=p["clip_heads"],
+                          projection_dim=p["clip_hidden"], image_size=cfg.lowres_size,
+                          patch_size=cfg.patch_size, hidden_act="quick_gelu")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = LlavaFlexAttnForCausalLM(cfg, vc)
+        nn.init.normal_(module.model.embed_tokens.weight, std=0.5)
+        # high-res features reach k_proj_hd / v_proj_hd without a norm: start them at the
+        # scale of a normalised hidden state (norm ~ sqrt(hidden)), not ~3, or the high-res
+        # keys and values are too small for the answer's gradient to find them
+        with torch.no_grad():
+            module.model.mm_projector[2].weight.mul_(FEATURE_SCALE)
+            module.model.mm_projector[2].bias.mul_(FEATURE_SCALE)
+    return LlavaFlexAttn(module, tok, model_id=f"synthhr-{preset}")
+
+
+# ------------------------------------------------------------------------------------------
+# data
+
+@dataclass
+class Sample:
+    image: Image.Image
+    question: synthhr.Question
+    boxes: tuple[synthhr.Box, ...]
+
+
+class SceneStream:
+    """Training sample ``i`` of ``seed``: a SynthHR scene and one of its two questions. A
+    background (the costly part of a scene) serves ``reuse`` consecutive samples under new
+    boxes, patterns and questions."""
+
+    def __init__(self, seed: int, reuse: int = 4, pattern_share: float = 0.5) -> None:
+        self.seed, self.reuse, self.pattern_share = seed, reuse, pattern_share
+        self._bg: tuple[int, np.ndarray] | None = None
+
+    def background(self, k: int) -> np.ndarray:
+        if self._bg is None or self._bg[0] != k:
+            rng = np.random.default_rng([self.seed, 1, k])
+            self._bg = (k, np.clip(np.rint(synthhr.background(rng)), 30, 225).astype(np.uint8))
+        return self._bg[1]
+
+    def sample(self, i: int) -> Sample:
+        rng = np.random.default_rng([self.seed, 2, i])
+        scene = synthhr.draw_boxes(self.background(i // self.reuse).copy(), rng)
+        pattern, count = synthhr.scene_questions(scene, f"train-{i}")
+        q = pattern if rng.random() < self.pattern_share else count
+        return Sample(Image.fromarray(scene.image), q, scene.boxes)
+
+
+def lowres_labels(boxes, grid: int) -> torch.Tensor:
+    """[grid * grid] class per low-res token: 1 + colour index of a box it overlaps, else 0."""
+    labels = np.zeros((grid, grid), dtype=np.int64)
+    names = list(synthhr.COLOURS)
+    for box in boxes:
+        labels[synthhr.box_mask(box, grid)] = 1 + names.index(box.colour)
+    return torch.from_numpy(labels.reshape(-1))
+
+
+def highres_labels(boxes, grid: int) -> torch.Tensor:
+    """[grid * grid] per high-res token: 1 + pattern index when the token lies inside a box's
+    interior, -100 (ignored) when it only overlaps one, 0 elsewhere."""
+    labels = np.zeros((grid, grid), dtype=np.int64)
+    cell = synthhr.SIZE / grid
+    for box in boxes:
+        labels[synthhr.box_mask(box, grid, inset=synthhr.BORDER)] = -100
+        a = box.x0 + synthhr.BORDER
+        b = box.y0 + synthhr.BORDER
+        n = box.side - 2 * synthhr.BORDER
+        c0, c1 = math.ceil(a / cell), math.floor((a + n) / cell)  # tokens fully inside
+        r0, r1 = math.ceil(b / cell), math.floor((b + n) / cell)
+        if c1 > c0 and r1 > r0:
+            labels[r0:r1, c0:c1] = 1 + synthhr.PATTERNS.index(box.pattern)
+    return torch.from_numpy(labels.reshape(-1))
+
+
+def attention_target(sample: Sample, grid: int) -> torch.Tensor:
+    """[grid * grid] distribution layer s's attention is pulled toward: the named box's tokens
+    (pattern), or the token holding each box's centre (count)."""
+    t = np.zeros((grid, grid))
+    if sample.question.type == "pattern":
+        t[synthhr.box_mask(sample.boxes[sample.question.target], grid)] = 1
+    else:
+        for box in sample.boxes:
+            c = synthhr.centre_cell(box, grid)
+            t[c // grid, c % grid] = 1
+    return torch.from_numpy(t.reshape(-1) / t.sum()).float()
+
+
+def oracle_cells(sample: Sample, grid: int = 9) -> torch.Tensor:
+    """[grid * grid] bool: the cells put in place of the model's selection: the named box's
+    interior (pattern) or each box's centre cell (count)."""
+    m = np.zeros(grid * grid, dtype=bool)
+    if sample.question.type == "pattern":
+        m[:] = synthhr.box_mask(sample.boxes[sample.question.target], grid,
+                                inset=synthhr.BORDER).reshape(-1)
+    else:
+        for box in sample.boxes:
+            m[synthhr.centre_cell(box, grid)] = True
+    return torch.from_numpy(m)
+
+
+# ------------------------------------------------------------------------------------------
+# the recipe
+
+@dataclass
+class Recipe:
+    out: str  # run folder: checkpoint.pt, log.jsonl, tokenizer
+    seed: int = 0
+    preset: str = "mini"
+    steps: int = 5000
+    batch_size: int = 8
+    lr: float = 2e-3
+    warmup: int = 100
+    attn_weight: float = 1.0
+    probe_weight: float = 0.5
+    oracle_steps: int = 1500  # the forced share falls from 1 to oracle_floor over these steps
+    oracle_floor: float = 0.15
+    checkpoint_every: int = 100
+    eval_every: int = 500
+    eval_images: int = 16
+    eval_seed: int = 1
+    threads: int = 2
+    reuse: int = 4  # samples drawn on one background
+    clip: float = 1.0  # gradient norm clipping
+    pattern_share: float = 0.5  # pattern questions among the samples (the rest: count)
+    presence_weight: float = 1.0  # the colours-present probe on the last hidden state
+    count_probe: int = 0  # 1: also ask the mean low-res feature for the number of boxes
+    hd_lr_scale: float = 3.0  # learning rate of k_proj_hd / v_proj_hd relative to --lr
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
+        for name in ("steps", "batch_size", "checkpoint_every", "eval_every", "threads",
+                     "reuse"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got"
+                                 f" {getattr(self, name)}")
+        if not 0 <= self.oracle_floor <= 1:
+            raise ValueError(f"--oracle-floor must be within [0, 1], got {self.oracle_floor}")
+
+    def oracle_share(self, step: int) -> float:
+        if step >= self.oracle_steps:
+            return self.oracle_floor
+        return 1.0 - (1.0 - self.oracle_floor) * step / self.oracle_steps
+
+    def learning_rate(self, step: int) -> float:
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        done = (step - self.warmup) / max(1, self.steps - self.warmup)
+        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0))))
+
+
+class FeatureProbes(nn.Module):
+    """Training-only linear probes on the projected CLIP features: box colour per low-res
+    token (7 classes, 0 = none), pattern per high-res token (5 classes, 0 = none), and the
+    number of boxes from the mean of an image's low-res tokens (what an evenly spread
+    attention reads), and which border colours the image holds from the decoder's last hidden
+    state at the first answer row (counting boxes is counting the colours present)."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.colour = nn.Linear(hidden, 1 + len(synthhr.COLOURS))
+        self.pattern = nn.Linear(hidden, 1 + len(synthhr.PATTERNS))
+        self.count = nn.Linear(hidden, len(synthhr.COUNT_WORDS))
+        self.presence = nn.Linear(hidden, len(synthhr.COLOURS))
+
+
+@dataclass
+class Metrics:
+    values: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, **kv: float) -> None:
+        for k, v in kv.items():
+            if v is not None and not (isinstance(v, float) and math.isnan(v)):
+                self.values.setdefault(k, []).append(float(v))
+
+    def mean(self) -> dict[str, float]:
+        return {k: sum(v) / len(v) for k, v in self.values.items() if v}
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe) -> None:
+        self.recipe = recipe
+        self.out = Path(recipe.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.set_num_threads(recipe.threads)
+        self.model = build_model(recipe.preset, recipe.seed, self.out / "tokenizer")
+        self.module = self.model.module
+        self.probes = FeatureProbes(self.model.config.hidden_size)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(recipe.seed + 1)
+            for p in self.probes.parameters():
+                nn.init.normal_(p, std=0.02)
+        hd = [p for n, p in self.module.named_parameters() if "_proj_hd." in n]
+        rest = [p for n, p in self.module.named_parameters() if "_proj_hd." not in n]
+        self.opt = torch.optim.AdamW(
+            [{"params": rest + list(self.probes.parameters()), "scale": 1.0},
+             {"params": hd, "scale": recipe.hd_lr_scale}],
+            lr=recipe.lr, weight_decay=0.0, betas=(0.9, 0.98))
+        self.step = 0
+        self.elapsed = 0.0
+        self.stream = SceneStream(recipe.seed, recipe.reuse, recipe.pattern_share)
+        self.eval_log: list[dict] = []
+        ckpt = self.out / CHECKPOINT
+        if ckpt.is_file():
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)
+            self.module.load_state_dict(state["model"])
+            self.probes.load_state_dict(state["probes"])
+            self.opt.load_state_dict(state["opt"])
+            self.step, self.elapsed = int(state["step"]), float(state["elapsed"])
+            self.eval_log = json.loads(state["eval_log"])
+            log.info("resumed %s at step %d (%.0f s trained)", ckpt, self.step, self.elapsed)
+
+    # one step ------------------------------------------------------------------------------
+    def batch(self, step: int) -> list[Sample]:
+        b = self.recipe.batch_size
+        return [self.stream.sample(step * b + k) for k in range(b)]
+
+    def train_step(self, step: int) -> dict[str, float]:
+        recipe, cfg, tok = self.recipe, self.model.config, self.model.tokenizer
+        samples = self.batch(step)
+        rng = np.random.default_rng([recipe.seed, 3, step])
+        forced_on = torch.from_numpy(rng.random(len(samples)) < recipe.oracle_share(step))
+        answers = [tok.encode_text(s.question.answer) + [tok.eos_id] for s in samples]
+        rows = max(len(a) for a in answers)
+        forced = torch.stack([oracle_cells(s, cfg.pool_grid) for s in samples])
+        final: list[torch.Tensor] = []
+        hook = self.module.model.norm.register_forward_hook(
+            lambda _m, args, _out: final.append(args[0]))
+        try:
+            out = self.model.teacher_forward(
+                [s.image for s in samples],
+                [question_prompt(s.question.question) for s in samples],
+                answers, forced=forced[:, None].expand(-1, rows, -1), forced_on=forced_on)
+        finally:
+            hook.remove()
+        valid = out.targets >= 0  # [B, R]
+        ce = F.cross_entropy(out.logits.flatten(0, 1), out.targets.flatten(), ignore_index=-100)
+        # every selection some layer reads: layers s .. L-2 (the last one's is never used)
+        target = torch.stack([attention_target(s, cfg.lr_grid) for s in samples])[:, None]
+        att = 0.0
+        for amap in out.record.maps[:-1]:  # [B, R, 576]
+            p = amap / amap.sum(-1, keepdim=True).clamp_min(1e-12)
+            att = att + -(target * torch.log(p + 1e-8)).sum(-1)[valid].mean()
+        att = att / (len(out.record.maps) - 1)
+        probe = self.probe_loss(samples, out)
+        if recipe.presence_weight:
+            first = valid.float().argmax(1)  # each sample's first answer row
+            h = final[0][torch.arange(len(samples)), first]  # [B, hidden]
+            names = list(synthhr.COLOURS)
+            present = torch.zeros(len(samples), len(names))
+            for i, s in enumerate(samples):
+                present[i, [names.index(b.colour) for b in s.boxes]] = 1.0
+            probe = probe + recipe.presence_weight * F.binary_cross_entropy_with_logits(
+                self.probes.presence(h), present)
+        loss = ce + recipe.attn_weight * att + recipe.probe_weight * probe
+        for group in self.opt.param_groups:
+            group["lr"] = recipe.learning_rate(step) * group["scale"]
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.module.parameters(), recipe.clip)
+        self.opt.step()
+        return self.step_metrics(samples, out, forced_on, ce, att, probe)
+
+    def probe_loss(self, samples: list[Sample], out) -> torch.Tensor:
+        cfg = self.model.config
+        lr_labels = torch.stack([lowres_labels(s.boxes, cfg.lr_grid) for s in samples])
+        loss = F.cross_entropy(self.probes.colour(out.vision.f_lr).flatten(0, 1),
+                               lr_labels.flatten())
+        if self.recipe.count_probe:
+            counts = torch.tensor([len(s.boxes) - min(synthhr.COUNT_WORDS) for s in samples])
+            loss = loss + F.cross_entropy(self.probes.count(out.vision.f_lr.mean(1)), counts)
+        done = out.hr.tile_done  # [B, Z*Z] -> the blocks of encoded tiles
+        b, z = done.shape[0], cfg.zoom_ratio
+        per = cfg.pool_grid // z
+        enc = done.view(b, z, 1, z, 1).expand(b, z, per, z, per).reshape(b, -1)
+        if enc.any():
+            hr_labels = torch.stack([highres_labels(s.boxes, cfg.hr_grid) for s in samples])
+            labels = to_blocks(hr_labels, cfg.hr_grid, cfg.pool_grid)[enc]  # [n, 64]
+            logits = self.probes.pattern(out.hr.blocks[enc])  # [n, 64, 5]
+            if (labels >= 0).any():
+                loss = loss + F.cross_entropy(logits.flatten(0, 1), labels.flatten(),
+                                              ignore_index=-100)
+        return loss
+
+    def step_metrics(self, samples, out, forced_on, ce, att, probe) -> dict[str, float]:
+        cfg = self.model.config
+        first = (out.targets >= 0).float().argmax(1)  # each sample's first answer row
+        b = len(samples)
+        pred = out.logits[torch.arange(b), first].argmax(-1)
+        right = (pred == out.targets[torch.arange(b), first]).tolist()
+        own = out.record.masks[0][torch.arange(b), first]  # [B, 81] layer s's own selection
+        ce, att, probe = float(ce.detach()), float(att.detach()), float(probe.detach())
+        m = {"loss": ce + att + probe, "ce": ce, "att": att, "probe": probe,
+             "frac": float(own.float().mean())}
+        for kind in ("pattern", "count"):
+            for regime, on in (("own", False), ("forced", True)):
+                idx = [i for i, s in enumerate(samples)
+                       if s.question.type == kind and bool(forced_on[i]) == on]
+                if idx:
+                    m[f"{kind}_{regime}"] = sum(right[i] for i in idx) / len(idx)
+        hits = [bool(own[i, synthhr.centre_cell(s.boxes[s.question.target], cfg.pool_grid)])
+                for i, s in enumerate(samples) if s.question.type == "pattern"]
+        if hits:
+            m["hit"] = sum(hits) / len(hits)
+        return m
+
+    # evaluation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, images: int | None = None, batch: int = 8) -> dict[str, float]:
+        """Generate (greedy, the model's own selection) on ``images`` scenes of the eval seed,
+        both questions each, in flexattn and lowres mode."""
+        return evaluate_model(self.model, self.recipe.eval_seed,
+                              images or self.recipe.eval_images, batch)
+
+    # the loop -------------------------------------------------------------------------------
+    def save(self) -> None:
+        state = {"model": self.module.state_dict(), "probes": self.probes.state_dict(),
+                 "opt": self.opt.state_dict(), "step": self.step, "elapsed": self.elapsed,
+                 "recipe": json.dumps(asdict(self.recipe)), "eval_log": json.dumps(self.eval_log)}
+        tmp = self.out / f".{CHECKPOINT}.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.out / CHECKPOINT)
+
+    def run(self) -> None:
+        from tqdm import tqdm
+
+        recipe = self.recipe
+        bar = tqdm(total=recipe.steps, initial=self.step, desc="train", unit="step",
+                   dynamic_ncols=True, mininterval=2.0)
+        window = Metrics()
+        with (self.out / "log.jsonl").open("a") as logf:
+            while self.step < recipe.steps:
+                t0 = time.perf_counter()
+                self.module.train()
+                m = self.train_step(self.step)
+                self.step += 1
+                self.elapsed += time.perf_counter() - t0
+                window.add(**m)
+                logf.write(json.dumps({"step": self.step, "elapsed": round(self.elapsed, 1),
+                                       **{k: round(v, 4) for k, v in m.items()}}) + "\n")
+                if self.step % 20 == 0:
+                    avg = window.mean()
+                    bar.set_postfix({k: f"{avg[k]:.2f}" for k in (
+                        "ce", "att", "pattern_own", "pattern_forced", "count_own", "hit", "frac")
+                        if k in avg})
+                    window = Metrics()
+                bar.update(1)
+                if self.step % recipe.eval_every == 0 or self.step == recipe.steps:
+                    t1 = time.perf_counter()
+                    self.module.eval()
+                    ev = {"step": self.step, "elapsed": round(self.elapsed, 1), **self.evaluate()}
+                    self.eval_log.append(ev)
+                    logf.write(json.dumps({"eval": ev}) + "\n")
+                    bar.write(f"eval at step {self.step}: " + ", ".join(
+                        f"{k} {v:.3f}" for k, v in ev.items() if k not in ("step", "elapsed")))
+                    self.elapsed += time.perf_counter() - t1
+                if self.step % recipe.checkpoint_every == 0 or self.step == recipe.steps:
+                    self.save()
+                logf.flush()
+        bar.close()
+        self.module.eval()
+
+
+def evaluate_model(model: LlavaFlexAttn, seed: int, images: int, batch: int = 8,
+                   modes: tuple[str, ...] = ("flexattn", "lowres")) -> dict[str, float]:
+    """Accuracy per question type and mode, how often the named box's centre cell was among
+    the cells used, and the mean selected fraction, on SynthHR scenes 0..images-1 of
+    ``seed``."""
+    def normalize_answer(text: str) -> str:  # single-word answers
+        return text.strip().strip(".").lower()
+
+    questions, pictures = [], []
+    for index in range(images):
+        scene = synthhr.draw_scene(seed, index)
+        for q in synthhr.scene_questions(scene, f"eval-{index}"):
+            questions.append((q, scene))
+            pictures.append(Image.fromarray(scene.image))
+    result: dict[str, float] = {}
+    for mode in modes:
+        right = {"pattern": [], "count": []}
+        hits, fracs = [], []
+        for k in range(0, len(questions), batch):
+            chunk = questions[k:k + batch]
+            gens = model.generate(pictures[k:k + batch],
+                                  [question_prompt(q.question) for q, _ in chunk],
+                                  max_new_tokens=4, mode=mode)
+            for (q, scene), g in zip(chunk, gens):
+                right[q.type].append(normalize_answer(g.text) == normalize_answer(q.answer))
+                if mode == "flexattn":
+                    fracs.append(g.hr_selected_frac)
+                    if q.type == "pattern":
+                        box = scene.boxes[q.target]
+                        hits.append(g.hr_cells[synthhr.centre_cell(box)])
+        for kind, values in right.items():
+            result[f"{mode}_{kind}"] = sum(values) / len(values)
+        if mode == "flexattn":
+            result["hit"] = sum(hits) / len(hits)
+            result["frac"] = sum(fracs) / len(fracs)
+    return result
+
+
+# ------------------------------------------------------------------------------------------
+# export
+
+TOWER_DIR = "vision_tower"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def export(model: LlavaFlexAttn, out_dir: str | Path, provenance: dict) -> Path:
+    """Write ``model`` in the original LLaVA-FlexAttn layout (float32 safetensors), its CLIP
+    tower in ``OUT/vision_tower`` (``mm_vision_tower`` relative to the model folder), and
+    ``provenance`` as ``OUT/training.json``."""
+    from .testing import export_original
+
+    out = Path(out_dir)
+    export_original(model, out, tower_dir=TOWER_DIR)
+    (out / "training.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m flexattn.train", description=__doc__.split("\n\n")[0])
+    defaults = Recipe(out="")
+    p.add_argument("--out", required=True, help="run folder (checkpoint, log); resumes if present")
+    for name in ("seed", "steps", "batch_size", "lr", "warmup", "attn_weight", "probe_weight",
+                 "oracle_steps", "oracle_floor", "checkpoint_every", "eval_every",
+                 "eval_images", "eval_seed", "threads", "reuse", "clip", "pattern_share",
+                 "hd_lr_scale", "count_probe", "presence_weight"):
+        value = getattr(defaults, name)
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value,
+                       help=f"(default: {value})")
+    p.add_argument("--preset", default=defaults.preset, choices=sorted(PRESETS))
+    p.add_argument("--export", default=None, help="write the trained model here at the end")
+    p.add_argument("--eval-after", type=int, default=0, metavar="N",
+                   help="evaluate on N eval scenes at the end (default: none)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    fields = {k: v for k, v in vars(args).items() if k in Recipe.__dataclass_fields__}
+    try:
+        recipe = Recipe(**fields)
+    except ValueError as exc:
+        p.error(str(exc))
+    trainer = Trainer(recipe)
+    started = time.perf_counter()
+    trainer.run()
+    final = trainer.evaluate(args.eval_after) if args.eval_after else None
+    if final:
+        print("final evaluation:", json.dumps(final))
+    if args.export:
+        command = "python -m flexattn.train " + " ".join(argv if argv is not None else sys.argv[1:])
+        export(trainer.model, args.export, {
+            "command": command, "recipe": asdict(recipe), "commit": git_commit(),
+            "steps": trainer.step, "samples": trainer.step * recipe.batch_size,
+            "train_seconds": round(trainer.elapsed, 1),
+            "this_run_seconds": round(time.perf_counter() - started, 1),
+            "threads": recipe.threads, "torch": torch.__version__,
+            "evaluations": trainer.eval_log, "final_evaluation": final,
+            "date": time.strftime("%Y-%m-%d")})
+        print(f"exported to {args.export}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
