@@ -9,14 +9,19 @@ step does, selection included. Selection is a hard threshold, so three signals t
 halves of the task:
 
 - **finding the box** (no gradient reaches it through the answer): a cross-entropy between
-  layer s's attention of each answer row over the 576 image tokens (summed over heads,
-  renormalised) and the named box's low-res tokens (pattern questions) or the tokens holding
-  each box's centre (count questions);
+  the attention of each answer row over the 576 image tokens in every layer whose selection
+  is read (summed over heads, renormalised) and the low-res tokens of the named box (pattern
+  questions) or of all boxes (count questions);
 - **reading it**: for a share of the samples that falls from 1 to ``oracle_floor`` over
   ``oracle_steps``, the box's own cells are put in place of the model's selection, so the
   answer's gradient reaches the high-res path before the model finds boxes on its own;
-- **features**: two linear probes, dropped after training, ask the CLIP features for each
-  low-res token's box colour and each high-res token's pattern.
+- **features**: linear probes, dropped after training, ask the CLIP features for each low-res
+  token's box colour and each high-res token's pattern, and the decoder's last hidden state
+  for the border colours the image holds (the number of boxes is the number of colours).
+
+High-resolution features reach ``k_proj_hd`` / ``v_proj_hd`` without a norm, so the projector
+starts at the scale of a normalised hidden state and the two projections learn faster than
+the rest (``--hd-lr-scale``).
 
 Checkpoints (``OUT/checkpoint.pt``, every ``--checkpoint-every`` steps and at the end) hold
 the model, probes, optimiser and step, so a stopped run resumes where it stopped with the same
@@ -61,12 +66,6 @@ PRESETS = {
     "mini": {"hidden": 128, "heads": 4, "intermediate": 352, "layers": 3, "select_layer": 1,
              "vocab": 700, "clip_hidden": 64, "clip_heads": 4, "clip_intermediate": 256,
              "clip_layers": 1},
-    "mini4s2": {"hidden": 128, "heads": 4, "intermediate": 352, "layers": 4, "select_layer": 2,
-                "vocab": 700, "clip_hidden": 64, "clip_heads": 4, "clip_intermediate": 256,
-                "clip_layers": 1},
-    "mini4s1": {"hidden": 128, "heads": 4, "intermediate": 352, "layers": 4, "select_layer": 1,
-                "vocab": 700, "clip_hidden": 64, "clip_heads": 4, "clip_intermediate": 256,
-                "clip_layers": 1},
     "tiny": {"hidden": 32, "heads": 2, "intermediate": 64, "layers": 3, "select_layer": 1,
              "vocab": 700, "clip_hidden": 16, "clip_heads": 2, "clip_intermediate": 32,
              "clip_layers": 1},
@@ -184,30 +183,29 @@ def highres_labels(boxes, grid: int) -> torch.Tensor:
     return torch.from_numpy(labels.reshape(-1))
 
 
-def attention_target(sample: Sample, grid: int) -> torch.Tensor:
-    """[grid * grid] distribution layer s's attention is pulled toward: the named box's tokens
-    (pattern), or the token holding each box's centre (count)."""
-    t = np.zeros((grid, grid))
+def asked_boxes(sample: Sample) -> tuple[synthhr.Box, ...]:
+    """The boxes a question is about: the named one, or all of them (count)."""
     if sample.question.type == "pattern":
-        t[synthhr.box_mask(sample.boxes[sample.question.target], grid)] = 1
-    else:
-        for box in sample.boxes:
-            c = synthhr.centre_cell(box, grid)
-            t[c // grid, c % grid] = 1
+        return (sample.boxes[sample.question.target],)
+    return sample.boxes
+
+
+def attention_target(sample: Sample, grid: int) -> torch.Tensor:
+    """[grid * grid] distribution layer s's attention is pulled toward: evenly over the low-res
+    tokens of the boxes the question is about."""
+    t = np.zeros((grid, grid))
+    for box in asked_boxes(sample):
+        t[synthhr.box_mask(box, grid)] = 1
     return torch.from_numpy(t.reshape(-1) / t.sum()).float()
 
 
 def oracle_cells(sample: Sample, grid: int = 9) -> torch.Tensor:
-    """[grid * grid] bool: the cells put in place of the model's selection: the named box's
-    interior (pattern) or each box's centre cell (count)."""
-    m = np.zeros(grid * grid, dtype=bool)
-    if sample.question.type == "pattern":
-        m[:] = synthhr.box_mask(sample.boxes[sample.question.target], grid,
-                                inset=synthhr.BORDER).reshape(-1)
-    else:
-        for box in sample.boxes:
-            m[synthhr.centre_cell(box, grid)] = True
-    return torch.from_numpy(m)
+    """[grid * grid] bool: the cells put in place of the model's selection: the interiors of
+    the boxes the question is about."""
+    m = np.zeros((grid, grid), dtype=bool)
+    for box in asked_boxes(sample):
+        m |= synthhr.box_mask(box, grid, inset=synthhr.BORDER)
+    return torch.from_numpy(m.reshape(-1))
 
 
 # ------------------------------------------------------------------------------------------
@@ -218,7 +216,7 @@ class Recipe:
     out: str  # run folder: checkpoint.pt, log.jsonl, tokenizer
     seed: int = 0
     preset: str = "mini"
-    steps: int = 5000
+    steps: int = 6000
     batch_size: int = 8
     lr: float = 2e-3
     warmup: int = 100
@@ -235,7 +233,6 @@ class Recipe:
     clip: float = 1.0  # gradient norm clipping
     pattern_share: float = 0.5  # pattern questions among the samples (the rest: count)
     presence_weight: float = 1.0  # the colours-present probe on the last hidden state
-    count_probe: int = 0  # 1: also ask the mean low-res feature for the number of boxes
     hd_lr_scale: float = 3.0  # learning rate of k_proj_hd / v_proj_hd relative to --lr
 
     def __post_init__(self) -> None:
@@ -263,16 +260,14 @@ class Recipe:
 
 class FeatureProbes(nn.Module):
     """Training-only linear probes on the projected CLIP features: box colour per low-res
-    token (7 classes, 0 = none), pattern per high-res token (5 classes, 0 = none), and the
-    number of boxes from the mean of an image's low-res tokens (what an evenly spread
-    attention reads), and which border colours the image holds from the decoder's last hidden
-    state at the first answer row (counting boxes is counting the colours present)."""
+    token (7 classes, 0 = none), pattern per high-res token (5 classes, 0 = none), and which
+    border colours the image holds from the decoder's last hidden state at the first answer
+    row (counting boxes is counting the colours present)."""
 
     def __init__(self, hidden: int) -> None:
         super().__init__()
         self.colour = nn.Linear(hidden, 1 + len(synthhr.COLOURS))
         self.pattern = nn.Linear(hidden, 1 + len(synthhr.PATTERNS))
-        self.count = nn.Linear(hidden, len(synthhr.COUNT_WORDS))
         self.presence = nn.Linear(hidden, len(synthhr.COLOURS))
 
 
@@ -312,6 +307,7 @@ class Trainer:
         self.elapsed = 0.0
         self.stream = SceneStream(recipe.seed, recipe.reuse, recipe.pattern_share)
         self.eval_log: list[dict] = []
+        self.commit = git_commit()  # of the code the run started with
         ckpt = self.out / CHECKPOINT
         if ckpt.is_file():
             state = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -320,6 +316,7 @@ class Trainer:
             self.opt.load_state_dict(state["opt"])
             self.step, self.elapsed = int(state["step"]), float(state["elapsed"])
             self.eval_log = json.loads(state["eval_log"])
+            self.commit = state["commit"]
             log.info("resumed %s at step %d (%.0f s trained)", ckpt, self.step, self.elapsed)
 
     # one step ------------------------------------------------------------------------------
@@ -378,9 +375,6 @@ class Trainer:
         lr_labels = torch.stack([lowres_labels(s.boxes, cfg.lr_grid) for s in samples])
         loss = F.cross_entropy(self.probes.colour(out.vision.f_lr).flatten(0, 1),
                                lr_labels.flatten())
-        if self.recipe.count_probe:
-            counts = torch.tensor([len(s.boxes) - min(synthhr.COUNT_WORDS) for s in samples])
-            loss = loss + F.cross_entropy(self.probes.count(out.vision.f_lr.mean(1)), counts)
         done = out.hr.tile_done  # [B, Z*Z] -> the blocks of encoded tiles
         b, z = done.shape[0], cfg.zoom_ratio
         per = cfg.pool_grid // z
@@ -428,7 +422,8 @@ class Trainer:
     def save(self) -> None:
         state = {"model": self.module.state_dict(), "probes": self.probes.state_dict(),
                  "opt": self.opt.state_dict(), "step": self.step, "elapsed": self.elapsed,
-                 "recipe": json.dumps(asdict(self.recipe)), "eval_log": json.dumps(self.eval_log)}
+                 "recipe": json.dumps(asdict(self.recipe)), "eval_log": json.dumps(self.eval_log),
+                 "commit": self.commit}
         tmp = self.out / f".{CHECKPOINT}.tmp"
         torch.save(state, tmp)
         os.replace(tmp, self.out / CHECKPOINT)
@@ -544,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("seed", "steps", "batch_size", "lr", "warmup", "attn_weight", "probe_weight",
                  "oracle_steps", "oracle_floor", "checkpoint_every", "eval_every",
                  "eval_images", "eval_seed", "threads", "reuse", "clip", "pattern_share",
-                 "hd_lr_scale", "count_probe", "presence_weight"):
+                 "hd_lr_scale", "presence_weight"):
         value = getattr(defaults, name)
         p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value,
                        help=f"(default: {value})")
@@ -568,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.export:
         command = "python -m flexattn.train " + " ".join(argv if argv is not None else sys.argv[1:])
         export(trainer.model, args.export, {
-            "command": command, "recipe": asdict(recipe), "commit": git_commit(),
+            "command": command, "recipe": asdict(recipe), "commit": trainer.commit,
             "steps": trainer.step, "samples": trainer.step * recipe.batch_size,
             "train_seconds": round(trainer.elapsed, 1),
             "this_run_seconds": round(time.perf_counter() - started, 1),
