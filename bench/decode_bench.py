@@ -5,7 +5,7 @@ benchmark's synthetic remote-sensing JPEGs (mixed sizes, 1008x1008 to 2400x1800)
     python bench/decode_bench.py --images 48 --out bench/results/decode.json
 
 Steps: `open` (Pillow open + full decode of the JPEG bytes), `exif_transpose`, `to_rgb`,
-`pad_and_resize` (to 1008) and `prepare` (what decode runs per image after opening:
+`square_resize` (to 1008) and `prepare` (what decode runs per image after opening:
 orientation, RGB, pad, resize and the array). Each figure is the best of `--repeats` passes
 over all images, in one process, one thread.
 """
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from PIL import ImageOps
 
-    from pipeline.decode import DecodeConfig, open_image, pad_and_resize, prepare, to_rgb
+    from pipeline.decode import DecodeConfig, open_image, prepare, square_resize, to_rgb
 
     commit = source_commit()
     config = DecodeConfig()
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         "open": (lambda data: open_image(data, config.max_pixels), jpegs),
         "exif_transpose": (ImageOps.exif_transpose, opened),
         "to_rgb": (to_rgb, opened),
-        "pad_and_resize": (lambda im: pad_and_resize(im, config.image_size, config.pad_color),
+        "square_resize": (lambda im: square_resize(im, config.image_size, config.pad_color),
                            opened),
         "prepare": (lambda im: prepare(im, config), opened),
     }

@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
 
     commit = source_commit()  # read before the run: the figures belong to this tree
 
-    from flexattn.testing import demo_model_path
+    from flexattn.demo_model import demo_model_path
 
     model_path = args.model or str(demo_model_path())
     runs = []

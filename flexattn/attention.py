@@ -79,10 +79,12 @@ class FlexInputs:
     keep: [B, G, G] margin mask (``selection.margin_keep``); hr: the high-resolution cache;
     rows: flex rows of this step (the last ``rows`` positions); row_valid: [B, rows] bool,
     False for a row that is not a flex row of its sample (its prompt, when answers of a
-    teacher-forced batch differ in length); forced: [B, rows, P*P] bool, a selection fed in
-    from outside in place of the model's own for the samples where ``forced_on`` [B] is set
-    (every selecting layer then hands that selection on); keep_maps: record each selecting
-    layer's map and mask (traces, training losses)."""
+    teacher-forced batch differ in length); forced: a selection fed in from outside in place of
+    the model's own, for the samples where ``forced_on`` [B] is set: [B, rows, P*P] bool for
+    every selecting layer, or [B, rows, n, P*P] one per layer whose selection is read (s ..
+    L-2); it goes through the same path as the model's own (tiles encoded, blocks projected
+    when first selected); keep_maps: record each selecting layer's map and mask (traces,
+    training losses)."""
 
     cfg: FlexAttnConfig
     image_slot: torch.Tensor
@@ -94,6 +96,7 @@ class FlexInputs:
     forced: torch.Tensor | None = None
     forced_on: torch.Tensor | None = None
     keep_maps: bool = False
+    replay: torch.Tensor | None = None  # per step selections generate feeds in as ``forced``
 
 
 @dataclass
@@ -261,16 +264,21 @@ class HierarchicalAttention(nn.Module):
         b, nblk = union.shape
         tok = cfg.block_size ** 2
         hkv, d = self.num_kv_heads, self.head_dim
+        counts = union.sum(1)
+        need = None
         if cfg.hr_kv_reuse:
             keys, done = hr.layer_keys(self.layer_idx, hkv, d)
             want = flex.has_image.view(-1, 1).expand_as(union) if cfg.hr_kv_prefetch else union
             need = want & ~done
-            if need.any():
-                bi, ki = need.nonzero(as_tuple=True)
-                keys[bi, :, ki] = project_hr_keys(self, hr, hr.blocks[bi, ki], bi, ki)
-                done |= need
-        counts = union.sum(1)
-        kmax = int(counts.max())
+        # the layer's one host synchronisation: how many blocks to gather, which to project
+        host = torch.cat([counts, need.flatten().long()] if need is not None else [counts])
+        host = host.tolist()
+        kmax = max(host[:b])
+        pairs = [divmod(i, nblk) for i, v in enumerate(host[b:]) if v]
+        if pairs:
+            bi, ki = torch.tensor(pairs, device=union.device).unbind(1)
+            keys[bi, :, ki] = project_hr_keys(self, hr, hr.blocks[bi, ki], bi, ki)
+            done |= need
         if kmax == 0:
             return (hr.blocks.new_zeros(b, hkv, 0, d), hr.blocks.new_zeros(b, 0, cfg.hidden_size),
                     torch.zeros(b, hr_mask.shape[1], 0, dtype=torch.bool, device=union.device))

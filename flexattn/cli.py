@@ -9,14 +9,15 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import MODES
+from .options import DTYPES, MODES
 
 
 def _load_inputs(args: argparse.Namespace):
     """The model, the image and the full prompt named by the shared flags."""
     from PIL import Image
 
-    from . import llava_v1_prompt, load_model
+    from .conversation import as_prompt
+    from .loading import load_model
 
     overrides = {} if args.threshold is None else {"threshold": args.threshold}
     model = load_model(args.model, vision_tower=args.vision_tower, device=args.device,
@@ -26,7 +27,7 @@ def _load_inputs(args: argparse.Namespace):
         image.load()
     except (OSError, ValueError) as exc:
         raise SystemExit(f"--image: cannot read {args.image}: {exc}") from exc
-    prompt = args.prompt if "<image>" in args.prompt else llava_v1_prompt(args.prompt)
+    prompt = as_prompt(args.prompt)
     return model, image, prompt
 
 
@@ -105,7 +106,7 @@ def _add_input_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--mode", choices=MODES, default="flexattn")
     p.add_argument("--threshold", type=float, help="selection threshold (0-255)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", choices=DTYPES)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src", help="checkpoint directory (original, HF or own layout)")
     c.add_argument("dst", help="output directory")
     c.add_argument("--vision-tower", help="CLIP tower directory for the original layout")
-    c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float16")
+    c.add_argument("--dtype", choices=DTYPES, default="float16")
     c.set_defaults(func=_convert)
     s = sub.add_parser("synthhr", help="write a SynthHR set: 1008 px PNG scenes and a manifest"
                        " of their questions (id, image_uri, question, answer, type, boxes)")

@@ -9,9 +9,7 @@ from typing import Any
 
 from transformers import LlamaConfig
 
-MODES = ("flexattn", "lowres", "fullres")
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from .options import CLIP_MEAN, CLIP_STD, MODES, RUNTIME_FIELDS
 
 
 @dataclass
@@ -37,7 +35,7 @@ class FlexAttnConfig:
     patch_size: int = 14
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
-    # FlexAttention (DESIGN.md section 3)
+    # FlexAttention (docs/DESIGN.md section 3)
     select_layer: int = 8  # s: last plain layer; layers s+1..L-1 are FlexAttention layers
     threshold: float = 48.0  # keep cells with 255 * normalised attention > threshold
     lowres_size: int = 336
@@ -139,6 +137,17 @@ class FlexAttnConfig:
     @property
     def flex_layers(self) -> list[int]:
         return list(range(self.select_layer + 1, self.num_hidden_layers))
+
+    def with_runtime(self, **changes: Any) -> FlexAttnConfig:
+        """A copy with run-time options changed (``RUNTIME_FIELDS``); a structural field is
+        refused, since the modules were built from it."""
+        fixed = sorted(set(changes) - set(RUNTIME_FIELDS))
+        names = {f.name for f in dataclasses.fields(self)}
+        if any(name in names for name in fixed):
+            raise ValueError(f"{', '.join(n for n in fixed if n in names)}: fixed by the checkpoint"
+                             f" (the model was built from it); run-time options are"
+                             f" {', '.join(RUNTIME_FIELDS)}")
+        return self.replace(**changes)
 
     def replace(self, **changes: Any) -> FlexAttnConfig:
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}

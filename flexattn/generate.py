@@ -22,10 +22,11 @@ import torch
 from PIL import Image
 
 from .attention import FlexInputs, HighResCache, KVCache, StepRecord
-from .config import MODES, FlexAttnConfig
+from .config import FlexAttnConfig
 from .flops import image_cost
 from .image import lowres_view, normalise, prepare_image, tiles
 from .model import LlavaFlexAttnForCausalLM
+from .options import MODES
 from .selection import hr_rope_tables, margin_keep, to_blocks
 from .tokenizer import IMAGE_TOKEN_INDEX, PromptTokenizer
 
@@ -172,8 +173,9 @@ class LlavaFlexAttn:
         return self.module.config
 
     def configure(self, **changes) -> None:
-        """Change config fields by name (validated), e.g. ``threshold=255``, ``lazy_tiles=False``."""
-        self.module.config = self.module.config.replace(**changes)
+        """Change run-time options by name (validated), e.g. ``threshold=255``,
+        ``lazy_tiles=False``; structural fields are refused (``FlexAttnConfig.with_runtime``)."""
+        self.module.config = self.module.config.with_runtime(**changes)
 
     @property
     def device(self) -> torch.device:
@@ -369,11 +371,15 @@ class LlavaFlexAttn:
                  top_p: float = 1.0, return_logits: bool = False,
                  image_sizes: list[tuple[int, int] | None] | None = None,
                  mode: str | None = None, seed: int | None = None,
-                 return_trace: bool = False) -> list[Generation]:
+                 return_trace: bool = False, selections: torch.Tensor | None = None
+                 ) -> list[Generation]:
         """Answer ``prompts`` (each with one ``<image>``, or none with a ``None`` image).
 
         image_sizes: original (w, h) per image when ``images`` are already padded and resized
-        squares (selection zeroes the padding margins of the original shape)."""
+        squares (selection zeroes the padding margins of the original shape). selections:
+        replay a selection instead of the model's own, [B, steps, P*P] bool (every FlexAttention
+        layer reads it) or [B, steps, n, P*P] (one per FlexAttention layer); step k of the
+        generation uses entry min(k, steps - 1)."""
         mode = mode or self.config.mode
         self._check_sampling(mode, max_new_tokens, do_sample, temperature, top_p)
         ids, sizes = self.tokenize(images, prompts, image_sizes)
@@ -384,6 +390,10 @@ class LlavaFlexAttn:
         seq = self.build_sequences(ids, vision, mode, extra_slots=max_new_tokens)
         flex = self.flex_inputs(seq, vision, images, sizes, keep_maps=return_trace) \
             if mode == "flexattn" else None
+        if flex is not None and selections is not None:
+            flex.forced_on = torch.ones(len(prompts), dtype=torch.bool, device=self.device)
+            flex.replay = selections.to(self.device)
+            flex.forced = flex.replay[:, 0].unsqueeze(1)
         caches = self._caches(len(prompts), seq.key_valid.shape[1])
         logits, record = self.prefill(seq, caches, flex)
         t1 = _now(self.device)
@@ -427,6 +437,8 @@ class LlavaFlexAttn:
                 break
             slot = seq.width + step
             seq.key_valid[:, slot] = True
+            if flex is not None and flex.replay is not None:
+                flex.forced = flex.replay[:, min(step + 1, flex.replay.shape[1] - 1)].unsqueeze(1)
             logits, record = self.decode_step(torch.where(done, cfg.pad_token_id, nxt),
                                               positions, slot, seq.key_valid,
                                               seq.sdpa_mask is not None, caches, flex)

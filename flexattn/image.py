@@ -1,4 +1,4 @@
-"""Image preprocessing (DESIGN.md section 3, "Images"): LLaVA "pad" mode, bicubic resize to the
+"""Image preprocessing (docs/DESIGN.md section 3, "Images"): LLaVA "pad" mode, bicubic resize to the
 high-resolution side, CLIP normalisation, the antialiased low-resolution view and the 3x3 tiles."""
 
 from __future__ import annotations
@@ -8,21 +8,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-
-def pad_colour(mean: tuple[float, float, float]) -> tuple[int, int, int]:
-    """The CLIP mean colour truncated to integers: (122, 116, 104) for CLIP."""
-    return tuple(int(m * 255) for m in mean)  # type: ignore[return-value]
-
-
-def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
-    """Paste an RGB image centred on a square of side max(w, h) filled with ``fill``."""
-    w, h = image.size
-    if w == h:
-        return image
-    side = max(w, h)
-    canvas = Image.new("RGB", (side, side), fill)
-    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
-    return canvas
+from .options import pad_colour
+from .padding import square_resize
 
 
 def prepare_image(image: Image.Image, highres_size: int,
@@ -30,11 +17,7 @@ def prepare_image(image: Image.Image, highres_size: int,
     """Any PIL image -> (padded square RGB image of side ``highres_size``, original (w, h))."""
     if image.mode != "RGB":
         image = image.convert("RGB")
-    size = image.size
-    square = pad_to_square(image, pad_colour(mean))
-    if square.size != (highres_size, highres_size):
-        square = square.resize((highres_size, highres_size), Image.Resampling.BICUBIC)
-    return square, size
+    return square_resize(image, highres_size, pad_colour(mean)), image.size
 
 
 def normalise(images: list[Image.Image], mean: tuple[float, float, float],

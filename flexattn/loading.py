@@ -1,4 +1,4 @@
-"""Loading LLaVA-FlexAttn from the three checkpoint layouts of DESIGN.md section 4, and saving
+"""Loading LLaVA-FlexAttn from the three checkpoint layouts of docs/DESIGN.md section 4, and saving
 the project's own layout.
 
 - original: ``config.json`` of model type ``llava_llama`` with ``extra``; CLIP tower in a
@@ -24,9 +24,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from .config import CLIP_MEAN, CLIP_STD, FlexAttnConfig
+from .config import FlexAttnConfig
 from .generate import LlavaFlexAttn
 from .model import LlavaFlexAttnForCausalLM
+from .options import CLIP_MEAN, CLIP_STD, DTYPES
 from .tokenizer import PromptTokenizer
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,8 @@ def _resolve_device_dtype(device: Any, dtype: Any) -> tuple[torch.device, torch.
     if dtype is None:
         dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
     elif isinstance(dtype, str):
-        names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-                 "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+        names = {n: getattr(torch, n) for n in DTYPES}
+        names |= {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
         if dtype not in names:
             raise ValueError(f"dtype must be one of {sorted(names)}, got {dtype!r}")
         dt = names[dtype]
@@ -361,7 +362,8 @@ def load_model(path: str | Path, vision_tower: str | Path | None = None, device:
     """Load a checkpoint of any of the three layouts.
 
     device: None -> CUDA if available, else CPU. dtype: None -> bf16 on CUDA, float32 on CPU.
-    overrides: config fields by name (``threshold=255`` selects nothing)."""
+    overrides: run-time options by name (``threshold=255`` selects nothing; see
+    ``config.RUNTIME_FIELDS``); structural fields are refused."""
     p = Path(path).expanduser()
     if not p.is_dir():
         raise FileNotFoundError(f"model directory {p} does not exist")
@@ -373,7 +375,7 @@ def load_model(path: str | Path, vision_tower: str | Path | None = None, device:
         module, tok, model_id = _load_hf(p, dt)
     else:
         module, tok, model_id = _load_own(p, dt)
-    module.config = module.config.replace(mode=mode, **overrides)
+    module.config = module.config.with_runtime(mode=mode, **overrides)
     log.info("loaded %s (%s layout) on %s as %s, mode %s", model_id, layout, dev, dt, mode)
     return LlavaFlexAttn(module.to(dev), tok, model_id=model_id)
 

@@ -124,13 +124,13 @@ class LlavaFlexAttnForCausalLM(nn.Module):
         b = blocks.shape[0]
         want = blocks.view(b, z, per, z, per).any(dim=4).any(dim=2).view(b, z * z)
         new = want & ~hr.tile_done
-        if not new.any():
+        pairs = [divmod(i, z * z) for i, v in enumerate(new.flatten().tolist()) if v]  # one sync
+        if not pairs:
             return
-        bi, ti = new.nonzero(as_tuple=True)
+        bi, ti = torch.tensor(pairs, device=blocks.device).unbind(1)
         t = cfg.lowres_size
         crops = torch.stack([hr.pixels[i, :, r * t:(r + 1) * t, c * t:(c + 1) * t]
-                             for i, r, c in zip(bi.tolist(), (ti // z).tolist(),
-                                                (ti % z).tolist())])
+                             for i, (r, c) in ((i, divmod(k, z)) for i, k in pairs)])
         feats = self.encode_crops(crops)  # [n, G*G, hidden]
         s = cfg.block_size
         n, _, c = feats.shape
@@ -193,6 +193,8 @@ class LlavaFlexAttnForCausalLM(nn.Module):
         if flex.keep_maps:
             record.maps.append(amap)
             record.masks.append(mask)  # the model's own, also where one is forced
-        if flex.forced is not None:
-            mask = torch.where(flex.forced_on.view(-1, 1, 1), flex.forced, mask)
+        if flex.forced is not None and layer_idx < cfg.num_hidden_layers - 1:
+            forced = flex.forced if flex.forced.dim() == 3 \
+                else flex.forced[:, :, layer_idx - cfg.select_layer]
+            mask = torch.where(flex.forced_on.view(-1, 1, 1), forced, mask)
         return mask

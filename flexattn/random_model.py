@@ -1,5 +1,5 @@
 """A LLaVA-FlexAttn with random weights built directly in memory, at any shape (the 7B one
-included), for benchmarks: no checkpoint is written or read. Tests use ``flexattn.testing``,
+included), for benchmarks: no checkpoint is written or read. Tests use ``flexattn.demo_model``,
 which saves real checkpoint layouts instead."""
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def random_model(cfg: FlexAttnConfig, vision_config: CLIPVisionConfig, device: s
     module.rotary = type(module.rotary)(cfg.llama_config()).to(dev)
     module = module.to(dtype)
     if tokenizer_dir is None:
-        from .testing import train_tiny_tokenizer
+        from .demo_model import train_tiny_tokenizer
 
         tokenizer_dir = Path(tempfile.mkdtemp(prefix="flexattn-tok-"))
         train_tiny_tokenizer(Path(tokenizer_dir))

@@ -1,5 +1,5 @@
 """High-resolution feature selection and the rotary tables of high-resolution keys
-(DESIGN.md section 3). Everything works on the 9x9 block grid: the 72x72 token mask is a
+(docs/DESIGN.md section 3). Everything works on the 9x9 block grid: the 72x72 token mask is a
 nearest upsampling of it, so a selection is a set of 8x8-token blocks."""
 
 from __future__ import annotations

@@ -35,7 +35,6 @@ import json
 import logging
 import math
 import os
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -80,7 +79,7 @@ def question_prompt(question: str) -> str:
 def tokenizer_corpus() -> tuple[str, ...]:
     """The English corpus of the demo tokenizer plus every SynthHR prompt and answer, so that
     colours and answers are single pieces."""
-    from .testing import _CORPUS
+    from .demo_model import _CORPUS
 
     lines = list(_CORPUS)
     questions = [synthhr.PATTERN_QUESTION.format(colour=c) for c in synthhr.COLOURS]
@@ -97,7 +96,7 @@ def build_model(preset: str, seed: int, workdir: Path) -> LlavaFlexAttn:
     ``tokenizer_corpus`` (written under ``workdir``)."""
     from transformers import CLIPVisionConfig
 
-    from .testing import train_tiny_tokenizer
+    from .demo_model import train_tiny_tokenizer
 
     p = PRESETS[preset]
     train_tiny_tokenizer(workdir, vocab_size=p["vocab"], corpus=tokenizer_corpus())
@@ -512,19 +511,39 @@ def evaluate_model(model: LlavaFlexAttn, seed: int, images: int, batch: int = 8,
 TOWER_DIR = "vision_tower"
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
+def git_commit(start: Path | None = None) -> str:
+    """The commit checked out in the repository around ``start`` (this file's folder), read from
+    ``.git`` directly; "unknown" outside a repository."""
+    here = (start or Path(__file__)).resolve()
+    for folder in (here, *here.parents):
+        git = folder / ".git"
+        if git.is_file():  # a worktree: "gitdir: PATH"
+            git = Path(git.read_text().split(":", 1)[1].strip())
+        if not git.is_dir():
+            continue
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref:"):
+            return head
+        ref = head.split(":", 1)[1].strip()
+        common = git / "commondir"
+        roots = [git] + ([git / common.read_text().strip()] if common.is_file() else [])
+        for root in roots:
+            if (root / ref).is_file():
+                return (root / ref).read_text().strip()
+            packed = root / "packed-refs"
+            if packed.is_file():
+                for line in packed.read_text().splitlines():
+                    if line.endswith(" " + ref):
+                        return line.split()[0]
         return "unknown"
+    return "unknown"
 
 
 def export(model: LlavaFlexAttn, out_dir: str | Path, provenance: dict) -> Path:
     """Write ``model`` in the original LLaVA-FlexAttn layout (float32 safetensors), its CLIP
     tower in ``OUT/vision_tower`` (``mm_vision_tower`` relative to the model folder), and
     ``provenance`` as ``OUT/training.json``."""
-    from .testing import export_original
+    from .original_layout import export_original
 
     out = Path(out_dir)
     export_original(model, out, tower_dir=TOWER_DIR)

@@ -1,6 +1,6 @@
 """What the model looked at: the image with its selected 9x9 cells and a selection heat map.
 
-Geometry (DESIGN.md section 3): the model pads the image to a centred square of side
+Geometry (docs/DESIGN.md section 3): the model pads the image to a centred square of side
 S = max(w, h) and cuts that square into a 9x9 grid of cells (the 8x8-token blocks of the
 72x72 high-resolution grid) and a 24x24 grid of low-resolution tokens. The overlay is drawn
 on the *original* image: the grids are laid over the padded square and cropped back to the

@@ -1,4 +1,4 @@
-"""Flags every job shares (DESIGN.md section 6) and the start-up they share.
+"""Flags every job shares (docs/DESIGN.md section 6) and the start-up they share.
 
 Each flag maps to the `JobConfig` field of the same name (`--batch-size` <-> `batch_size`);
 a job adds its own flags, then calls `job_config(parser, args, task)`, which turns a

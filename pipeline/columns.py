@@ -1,6 +1,6 @@
 """Column names, the output schema, and the checks every stage runs on its input.
 
-The output schema (DESIGN.md section 5) is fixed: every row of every job carries these columns,
+The output schema (docs/DESIGN.md section 5) is fixed: every row of every job carries these columns,
 in this order; task-specific columns (RSVQA's `correct`, OCR's `page`) come after them.
 """
 

@@ -31,6 +31,8 @@ import pyarrow as pa
 from PIL import ExifTags, Image, ImageOps, ImageSequence, UnidentifiedImageError
 from ray.data.extensions import ArrowTensorArray
 
+from flexattn.options import PAD_COLOUR
+from flexattn.padding import square_resize
 from pipeline.columns import IMAGE, format_error, require_columns
 from pipeline.storage import read_bytes
 
@@ -38,7 +40,6 @@ logger = logging.getLogger(__name__)
 
 STAGE = "decode"
 REQUIRED_COLUMNS = ("id", "source_uri")
-PAD_COLOR = (122, 116, 104)  # CLIP image mean * 255, as LLaVA pads
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own decompression-bomb error threshold
 HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
@@ -50,7 +51,7 @@ Expand = Callable[[bytes, str, "DecodeConfig"], Iterable[tuple[int, Image.Image 
 class DecodeConfig:
     image_size: int = 1008  # the model's config.highres_size
     max_pixels: int = DEFAULT_MAX_PIXELS
-    pad_color: tuple[int, int, int] = PAD_COLOR
+    pad_color: tuple[int, int, int] = PAD_COLOUR
     expand: Expand | None = None  # one input -> several rows (adds a `page` column)
 
     def __post_init__(self) -> None:
@@ -97,7 +98,7 @@ def _stretch(arr: np.ndarray) -> np.ndarray:
     return np.nan_to_num((values - lo) * (255.0 / (hi - lo))).clip(0, 255).astype(np.uint8)
 
 
-def to_rgb(img: Image.Image, background: tuple[int, int, int] = PAD_COLOR) -> Image.Image:
+def to_rgb(img: Image.Image, background: tuple[int, int, int] = PAD_COLOUR) -> Image.Image:
     """Any Pillow mode to RGB. Alpha is composited over `background`; high-bit-depth and float
     images are min-max stretched to 8 bits (Pillow's own conversion would clip them). An RGB
     image comes back as is, not copied."""
@@ -112,19 +113,6 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = PAD_COLOR) -> Im
         canvas.paste(img, mask=img.getchannel("A"))
         return canvas
     return img if img.mode == "RGB" else img.convert("RGB")  # convert() would copy RGB too
-
-
-def pad_and_resize(img: Image.Image, size: int, fill: tuple[int, int, int]) -> Image.Image:
-    """Pad to a centred square of side max(w, h) with `fill`, then bicubic-resize to `size`."""
-    width, height = img.size
-    side = max(width, height)
-    if width != height:
-        canvas = Image.new("RGB", (side, side), fill)
-        canvas.paste(img, ((side - width) // 2, (side - height) // 2))
-        img = canvas
-    if side != size:
-        img = img.resize((size, size), Image.Resampling.BICUBIC)
-    return img
 
 
 def _open_tiff_with_tifffile(data: bytes, max_pixels: int) -> Image.Image:
@@ -186,7 +174,7 @@ def prepare(img: Image.Image, config: DecodeConfig) -> tuple[np.ndarray, int, in
         img = ImageOps.exif_transpose(img)
     width, height = img.size
     rgb = to_rgb(img, config.pad_color)
-    square = pad_and_resize(rgb, config.image_size, config.pad_color)
+    square = square_resize(rgb, config.image_size, config.pad_color)
     return np.asarray(square, dtype=np.uint8), width, height
 
 

@@ -27,15 +27,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from flexattn.conversation import as_prompt
+from flexattn.options import DTYPES, MODES
 from pipeline.columns import IMAGE, PREDICTION_FIELDS, format_error, require_columns
 
 logger = logging.getLogger(__name__)
 
 STAGE = "predict"
 REQUIRED_COLUMNS = ("id", "prompt", IMAGE, "width", "height", "error", "error_stage")
-DEMO_MODEL = "demo"  # the tiny demo model, built on first use (flexattn.testing)
-MODES = ("flexattn", "lowres", "fullres")
-DTYPES = ("bfloat16", "float16", "float32")
+DEMO_MODEL = "demo"  # the tiny demo model, built on first use (flexattn.demo_model)
 EMPTY_QUESTION_ERROR = "ValueError: empty question (the input row's question is blank)"
 MODEL_CACHE = Path(os.environ.get("FLEXATTN_MODEL_CACHE", "~/.cache/llava-flexattn/models"))
 # Layer s's 24x24 attention map over the image tokens at the last step (576 floats, row-major,
@@ -119,7 +119,7 @@ def localize_model(model: str) -> str:
     """A local directory for `model`: "demo" is built on first use, a `scheme://` URI is
     copied once per node into MODEL_CACHE (under a file lock), a local path is used as is."""
     if model == DEMO_MODEL:
-        from flexattn.testing import demo_model_path
+        from flexattn.demo_model import demo_model_path
 
         return str(demo_model_path())
     if "://" not in model:
@@ -185,10 +185,8 @@ class Predictor:
         import torch
 
         from flexattn import load_model
-        from flexattn.conversation import llava_v1_prompt
 
         self.config = config
-        self._prompt = llava_v1_prompt
         self._torch = torch
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cpu" and os.environ.get("CUDA_VISIBLE_DEVICES", "") not in ("", "-1"):
@@ -220,9 +218,6 @@ class Predictor:
             "predict: loaded %s (%s, mode=%s) on %s in %.1fs",
             self.model_id, path, config.mode, device, time.perf_counter() - start,
         )
-
-    def _full_prompt(self, question: str) -> str:
-        return question if "<image>" in question else self._prompt(question)
 
     def _generate(self, ids, images, prompts, sizes) -> list:
         """Generations in input order, an exception in place of each row that failed. Out of
@@ -281,7 +276,7 @@ class Predictor:
             results = self._generate(
                 [ids[i] for i in todo],
                 [Image.fromarray(np.ascontiguousarray(pixels[i])) for i in todo],
-                [self._full_prompt(questions[i]) for i in todo],
+                [as_prompt(questions[i]) for i in todo],
                 [(widths[i], heights[i]) for i in todo],
             )
             for i, gen in zip(todo, results):

@@ -93,6 +93,6 @@ def s3(pipeline_env):
 
 @pytest.fixture(scope="session")
 def demo_model(pipeline_env) -> Path:
-    from flexattn.testing import demo_model_path
+    from flexattn.demo_model import demo_model_path
 
     return demo_model_path()

@@ -239,3 +239,33 @@ def test_vision_chunk_keeps_cpu_activations_small_and_gpu_batches_whole():
     # an explicit setting wins everywhere
     assert chunk(seven_b, clip_l, vision_batch=16) == 16
     assert chunk(seven_b, clip_l, device="meta", vision_batch=16) == 16
+
+
+def test_replayed_selection_goes_through_the_same_path(golden_model):
+    images, prompts = mixed_inputs()
+    images, prompts = images[:3], prompts[:3]
+    own = golden_model.generate(images, prompts, max_new_tokens=5, return_logits=True,
+                                return_trace=True)
+    n_read = len(golden_model.config.flex_layers)
+    steps = max(len(o.token_ids) for o in own)
+    replay = torch.zeros(3, steps, n_read, 81, dtype=torch.bool)
+    for i, o in enumerate(own):
+        masks = o.trace["block_masks"][:, :n_read]  # the selections layers s..L-2 handed on
+        replay[i, :len(masks)] = masks
+        replay[i, len(masks):] = masks[-1]
+    again = golden_model.generate(images, prompts, max_new_tokens=5, return_logits=True,
+                                  return_trace=True, selections=replay)
+    for a, b in zip(own, again):
+        assert a.token_ids == b.token_ids and a.hr_cells == b.hr_cells
+        assert a.tiles_encoded == b.tiles_encoded
+        assert a.hr_blocks_projected == b.hr_blocks_projected
+        assert a.hr_selected_frac == pytest.approx(b.hr_selected_frac)
+        torch.testing.assert_close(a.logits, b.logits, atol=1e-4, rtol=0)
+    # one block for every layer and step: one tile encoded, one block per layer projected
+    one = torch.zeros(3, 1, 81, dtype=torch.bool)
+    one[:, :, 40] = True
+    fixed = golden_model.generate(images, prompts, max_new_tokens=5, selections=one)
+    for f in fixed:
+        assert f.tiles_encoded == 1 and f.hr_blocks_projected == n_read
+        assert f.hr_cells == [i == 40 for i in range(81)]
+        assert f.hr_selected_frac == pytest.approx(64 / 5184)

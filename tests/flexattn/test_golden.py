@@ -1,4 +1,4 @@
-"""The original implementation's outputs on the tiny checkpoint (../shared/golden) reproduced
+"""The original implementation's outputs on the tiny checkpoint (tests/data/golden) reproduced
 through the original-layout loader, float32 on CPU."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """With nothing selected, LLaVA-FlexAttn is plain LLaVA-1.5 on its own f_LR: checked against
 transformers' LlavaForConditionalGeneration built from the same weights (the HF layout written by
-flexattn.testing.build_tiny_hf) and fed the same 336-px pixels."""
+tests/flexattn/checkpoints.py) and fed the same 336-px pixels."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from transformers import LlavaForConditionalGeneration
 
 from flexattn import load_model
 from flexattn.image import lowres_view, normalise, prepare_image
-from flexattn.testing import build_tiny_hf
 from flexattn.tokenizer import IMAGE_TOKEN_INDEX
 
+from .checkpoints import build_tiny_hf
 from .conftest import CASES, GOLDEN_MODEL, PROMPT, golden_case
 
 

@@ -124,7 +124,9 @@ def test_missing_files(tmp_path):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(mode="hd"), "mode must be one of"),
     (dict(threshold=300), "threshold"),
-    (dict(select_layer=12), "select_layer"),
+    (dict(select_layer=12), "select_layer: fixed by the checkpoint"),
+    (dict(num_hidden_layers=4), "num_hidden_layers: fixed by the checkpoint"),
+    (dict(highres_size=672, hidden_size=8), "hidden_size, highres_size: fixed"),
     (dict(thresold=10), "unknown config field"),
     (dict(dtype="int8"), "dtype must be one of"),
     (dict(vision_batch=-1), "vision_batch must be an integer >= 0"),

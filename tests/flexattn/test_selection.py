@@ -1,4 +1,4 @@
-"""High-resolution selection against a plain-Python reference of DESIGN.md section 3."""
+"""High-resolution selection against a plain-Python reference of docs/DESIGN.md section 3."""
 
 from __future__ import annotations
 

@@ -11,12 +11,12 @@ from PIL import Image, ImageOps
 
 from pipeline.columns import MissingColumnsError
 from pipeline.decode import (
-    PAD_COLOR,
+    PAD_COLOUR,
     DecodeConfig,
     decode_batch,
     expand_frames,
-    pad_and_resize,
     prepare,
+    square_resize,
     to_rgb,
 )
 from pipeline.predict import tensor_column
@@ -34,23 +34,23 @@ def _save(img: Image.Image, path, **kwargs):
     return path
 
 
-def test_pad_and_resize_centres_the_image_on_the_clip_mean():
+def test_square_resize_centres_the_image_on_the_clip_mean():
     red = Image.new("RGB", (300, 100), (255, 0, 0))
-    out = np.asarray(pad_and_resize(red, 30, PAD_COLOR))
+    out = np.asarray(square_resize(red, 30, PAD_COLOUR))
     assert out.shape == (30, 30, 3)
     # Side 300: pasted at (0, 100), so rows 0-9 and 20-29 are padding, 10-19 the image.
-    assert tuple(out[2, 15]) == PAD_COLOR and tuple(out[27, 15]) == PAD_COLOR
+    assert tuple(out[2, 15]) == PAD_COLOUR and tuple(out[27, 15]) == PAD_COLOUR
     assert tuple(out[15, 15]) == (255, 0, 0)
     assert tuple(out[15, 0]) == (255, 0, 0) and tuple(out[15, 29]) == (255, 0, 0)
 
 
-def test_pad_and_resize_matches_the_design_recipe():
+def test_square_resize_matches_the_design_recipe():
     img = noise_image(77, 40, seed=3)
     side = 77
-    expected = Image.new("RGB", (side, side), PAD_COLOR)
+    expected = Image.new("RGB", (side, side), PAD_COLOUR)
     expected.paste(img, ((side - 77) // 2, (side - 40) // 2))
     expected = expected.resize((56, 56), Image.Resampling.BICUBIC)
-    np.testing.assert_array_equal(np.asarray(pad_and_resize(img, 56, PAD_COLOR)),
+    np.testing.assert_array_equal(np.asarray(square_resize(img, 56, PAD_COLOUR)),
                                   np.asarray(expected))
 
 
@@ -72,13 +72,13 @@ def test_every_mode_becomes_rgb(mode, tmp_path):
 
 def test_alpha_is_composited_over_the_pad_colour():
     clear = Image.new("RGBA", (10, 10), (255, 0, 0, 0))
-    assert tuple(np.asarray(to_rgb(clear))[5, 5]) == PAD_COLOR
+    assert tuple(np.asarray(to_rgb(clear))[5, 5]) == PAD_COLOUR
     opaque = Image.new("LA", (10, 10), (200, 255))
     assert tuple(np.asarray(to_rgb(opaque))[5, 5]) == (200, 200, 200)
     pal = Image.new("P", (10, 10), 1)
     pal.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
     pal.info["transparency"] = 1
-    assert tuple(np.asarray(to_rgb(pal))[5, 5]) == PAD_COLOR
+    assert tuple(np.asarray(to_rgb(pal))[5, 5]) == PAD_COLOUR
 
 
 def test_decode_batch_files_in_many_formats(tmp_path):
@@ -123,7 +123,7 @@ def test_prepare_follows_the_recipe_and_leaves_its_input_alone(tmp_path, orienta
     img = Image.open(path)
     img.load()
     before = np.asarray(img).copy()
-    expected = pad_and_resize(ImageOps.exif_transpose(img).convert("RGB"), 48, PAD_COLOR)
+    expected = square_resize(ImageOps.exif_transpose(img).convert("RGB"), 48, PAD_COLOUR)
     arr, width, height = prepare(img, DecodeConfig(image_size=48))
     np.testing.assert_array_equal(arr, np.asarray(expected))
     assert (width, height) == (90, 60)  # 180 degrees (3) keeps the size

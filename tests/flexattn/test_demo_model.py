@@ -1,4 +1,5 @@
-"""Tests of flexattn.testing: tiny deterministic checkpoints in the real on-disk layouts."""
+"""Tests of flexattn.demo_model (and tests/flexattn/checkpoints.py): tiny deterministic
+checkpoints in the real on-disk layouts."""
 
 from __future__ import annotations
 
@@ -12,24 +13,15 @@ import sentencepiece as spm
 import torch
 from safetensors import safe_open
 
-from flexattn.testing import (
-    CLIP_DIR_NAME,
-    LLAVA_DIR_NAME,
-    build_tiny_hf,
-    build_tiny_original,
-    demo_model_path,
-    train_tiny_tokenizer,
-)
+from flexattn.demo_model import build_tiny_original, demo_model_path, train_tiny_tokenizer
+from flexattn.original_layout import CLIP_DIR_NAME, LLAVA_DIR_NAME
 
-# The project's copy of the golden checkpoint, else the shared one; tests needing it skip if absent.
-_GOLDEN_CANDIDATES = (
-    Path(__file__).resolve().parents[1] / "data" / "golden" / "tiny",
-    Path("/work/shared/golden/tiny"),
-)
-GOLDEN = next((p for p in _GOLDEN_CANDIDATES if p.is_dir()), _GOLDEN_CANDIDATES[0])
+from .checkpoints import build_tiny_hf
+
+# The project's copy of the golden checkpoint (tests/data/golden/tiny).
+GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden" / "tiny"
 GOLDEN_LLAVA = GOLDEN / LLAVA_DIR_NAME
 GOLDEN_CLIP = GOLDEN / CLIP_DIR_NAME
-needs_golden = pytest.mark.skipif(not GOLDEN.is_dir(), reason="golden checkpoint not present")
 
 # Copy of the golden llava-v1.5-tiny-flexattn/config.json (written by the original code), so the
 # layout is checked even where no golden directory is present.
@@ -163,7 +155,6 @@ def test_different_seed_different_weights(tmp_path: Path, original: Path) -> Non
 # ---------------------------------------------------------------------------------- layout
 
 
-@needs_golden
 def test_layout_matches_golden(original: Path) -> None:
     root = original.parent
     assert sorted(p.name for p in root.iterdir()) == sorted(p.name for p in GOLDEN.iterdir())
@@ -193,7 +184,6 @@ def test_layout_matches_golden(original: Path) -> None:
     ).read_bytes()
 
 
-@needs_golden
 @pytest.mark.parametrize("sub", [LLAVA_DIR_NAME, CLIP_DIR_NAME])
 def test_weights_match_golden_keys_shapes_and_scales(original: Path, sub: str) -> None:
     ours = _tensors(original.parent / sub / "model.safetensors")
@@ -337,7 +327,7 @@ def test_hf_layout_loads_and_matches_source(hf_from_source: Path, original: Path
     for key, value in clip.items():
         assert torch.equal(params["model.vision_tower." + key[len("vision_model.") :]], value), key
 
-    # Key names on disk, as documented in flexattn/testing.py for the loader.
+    # Key names on disk, as documented in tests/flexattn/checkpoints.py for the loader.
     disk = set(_tensors(hf_from_source / "model.safetensors"))
     assert "language_model.model.embed_tokens.weight" in disk
     assert "language_model.lm_head.weight" in disk
