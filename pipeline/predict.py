@@ -32,7 +32,7 @@ from pipeline.columns import IMAGE, PREDICTION_FIELDS, format_error, require_col
 logger = logging.getLogger(__name__)
 
 STAGE = "predict"
-REQUIRED_COLUMNS = ("id", "prompt", IMAGE, "width", "height", "error", "error_stage")
+REQUIRED_COLUMNS = ("prompt", IMAGE, "width", "height", "error", "error_stage")
 DEMO_MODEL = "demo"  # the tiny demo model, built on first use (flexattn.testing)
 MODES = ("flexattn", "lowres", "fullres")
 DTYPES = ("bfloat16", "float16", "float32")
@@ -277,7 +277,8 @@ class Predictor:
             pixels = tensor_column(batch, IMAGE)  # uint8 [B, S, S, 3]
             widths = batch.column("width").to_pylist()
             heights = batch.column("height").to_pylist()
-            ids = batch.column("id").to_pylist()
+            ids = (batch.column("id").to_pylist() if "id" in batch.column_names
+                   else [str(i) for i in range(n)])
             results = self._generate(
                 [ids[i] for i in todo],
                 [Image.fromarray(np.ascontiguousarray(pixels[i])) for i in todo],

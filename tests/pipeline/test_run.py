@@ -76,17 +76,22 @@ def test_decode_in_actors_fuses_decode_into_the_actors(ray_local, tmp_path, caps
     todo = add_task_columns(pa.table({"id": ["a.jpg"], "source_uri": ["/x/a.jpg"]}), CAPTION,
                             None)
     done = pa.table({"id": ["b.jpg"], "page": pa.array([0], pa.int32())})
+    split = "TaskPoolMapOperator[StreamingRepartition[num_rows_per_block=2,strict=False]]"
+    prepare = "MapBatches(add_task_columns)->MapBatches(decode_batch)"
     separate = _optimized_plan(build_dataset(_config(tmp_path, model="demo"), todo), capsys)
-    assert "TaskPoolMapOperator[MapBatches(decode_batch)]" in separate
+    assert f"TaskPoolMapOperator[{prepare}]" in separate
     assert "ActorPoolMapOperator[MapBatches(Predictor)]" in separate
+    # Large input blocks are split into decode-sized ones by an operator of their own, so
+    # decode runs in one task per small block, not inside the split's task.
+    assert split in separate
     fused = _optimized_plan(build_dataset(_config(tmp_path, model="demo", decode_in_actors=True),
                                           todo), capsys)
-    assert "ActorPoolMapOperator[MapBatches(decode_batch)->MapBatches(Predictor)]" in fused
-    assert "TaskPoolMapOperator[MapBatches(decode_batch)]" not in fused
+    assert f"ActorPoolMapOperator[{prepare}->MapBatches(Predictor)]" in fused
+    assert "TaskPoolMapOperator[MapBatches(add_task_columns)" not in fused and split in fused
     # A resume filter between decode and predict (tasks keyed after decode) joins them too.
     fused = _optimized_plan(build_dataset(_config(tmp_path, model="demo", decode_in_actors=True),
                                           todo, done), capsys)
-    assert ("ActorPoolMapOperator[MapBatches(decode_batch)->MapBatches(drop_written)"
+    assert (f"ActorPoolMapOperator[{prepare}->MapBatches(drop_written)"
             "->MapBatches(Predictor)]") in fused
 
 
