@@ -74,18 +74,18 @@ class InputConfig:
 
 def list_inputs(config: InputConfig) -> pa.Table:
     """The whole input table at once (small inputs, tests): `iter_inputs` concatenated."""
-    return pa.concat_tables(iter_inputs(config))
+    return pa.concat_tables(iter_inputs(config), promote_options="permissive")
 
 
-def iter_inputs(config: InputConfig, block_rows: int = LISTING_BLOCK_ROWS) -> Iterator[pa.Table]:
+def iter_inputs(config: InputConfig, block_rows: int | None = None) -> Iterator[pa.Table]:
     """The input rows (`id`, `source_uri`, optional `question` / `ground_truth`, extras) in
-    listing order, in blocks of `block_rows`, `--limit` applied. Raises ValueError, naming
+    listing order, in blocks of `block_rows` (default LISTING_BLOCK_ROWS), `--limit` applied. Raises ValueError, naming
     `--input`, for nothing found, a bad manifest or duplicate manifest ids (after the last
     block: ids are checked across all of them)."""
     source = str(config.input)
     kind, pieces = _open_source(source, config.extensions)
     total, ids = 0, []
-    for block in rebatch(pieces, block_rows):
+    for block in rebatch(pieces, block_rows or LISTING_BLOCK_ROWS):
         if config.limit is not None:
             block = block.slice(0, config.limit - total)
         if block.num_rows:
@@ -111,11 +111,11 @@ def rebatch(tables: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
         buffer.append(table)
         buffered += table.num_rows
         while buffered >= rows:
-            merged = pa.concat_tables(buffer)
+            merged = pa.concat_tables(buffer, promote_options="permissive")
             yield merged.slice(0, rows).combine_chunks()
             buffer, buffered = [merged.slice(rows)], buffered - rows
     if buffered:
-        yield pa.concat_tables(buffer).combine_chunks()
+        yield pa.concat_tables(buffer, promote_options="permissive").combine_chunks()
 
 
 def _open_source(source: str, extensions: tuple[str, ...]) -> tuple[str, Iterator[pa.Table]]:
