@@ -283,9 +283,9 @@ def decode_batch(batch: pa.Table, config: DecodeConfig) -> pa.Table:
             except Exception as exc:  # noqa: BLE001 - any failure is this row's error
                 emit(row, error=format_error(exc), stage=STAGE)
 
-    if IMAGE in batch.column_names:
-        batch = batch.drop_columns([IMAGE])
     out = batch.take(pa.array(take, pa.int64()))
+    if IMAGE in out.column_names:  # (after take: a table without columns has no rows)
+        out = out.drop_columns([IMAGE])
     stacked = np.stack(images) if images else np.zeros((0, *blank.shape), np.uint8)
     out = out.append_column(IMAGE, ArrowTensorArray.from_numpy(stacked))
     out = out.append_column("width", pa.array(widths, pa.int32()))
