@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import sys
 
 from pipeline import JobConfig, RunSummary, Task
 from pipeline.storage import redact_secrets_in_logs
@@ -68,6 +69,14 @@ def add_job_arguments(p: argparse.ArgumentParser, *, default_input: str, default
     p.add_argument("--decode-in-actors", action="store_true",
                    help="decode in the model actors instead of in CPU tasks (Ray Data fuses the"
                         " stages): faster on CPU-only clusters whose actors fill every core")
+    p.add_argument("--rows-per-file", type=int, default=None, metavar="N",
+                   help="rows bundled into each output Parquet file (default: about 1%% of the "
+                        "rows to run, at least one batch, at most 500)")
+    p.add_argument("--max-error-fraction", type=float, default=d.max_error_fraction,
+                   metavar="F",
+                   help="exit 1 after writing everything when more than this share of the rows "
+                        "written are errors; a run whose rows are all errors always exits 1 "
+                        "(default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
                    help="delete previous results under --output instead of resuming")
     p.add_argument("--save-overlays", type=int, default=0, metavar="N",
@@ -107,7 +116,8 @@ def finish(config: JobConfig, args: argparse.Namespace, summary: RunSummary,
            report: tuple[str, str, dict, str, list] | None = None) -> int:
     """After the run: with `report` = (name, title, scores, markdown, table rows), write
     OUTPUT/_<name>.json and .md; print the run summary and the report's table; draw
-    --save-overlays; say where the results are. Returns the job's exit status."""
+    --save-overlays; say where the results are. Returns the job's exit status: 1, saying why,
+    when every row this run wrote is an error row or more than --max-error-fraction are."""
     from pipeline.overlays import save_overlays
     from pipeline.report import format_table, write_report
 
@@ -126,4 +136,8 @@ def finish(config: JobConfig, args: argparse.Namespace, summary: RunSummary,
                                 config.decode_config())
         print(f"{len(written)} overlay(s) under {config.output}/_overlays")
     print(f"{files} under {config.output}")
+    reason = summary.failure(config.max_error_fraction)
+    if reason is not None:
+        print(f"job failed: {reason}", file=sys.stderr)
+        return 1
     return 0

@@ -6,6 +6,10 @@ max(w, h) filled with the CLIP mean colour (122, 116, 104), the image pasted at
 Adds `image` (uint8 [S, S, 3]), `width`, `height` (original, after orientation), `error`,
 `error_stage`.
 
+The image comes from the row's `image` when it has one (`pipeline.processor`'s input): encoded
+bytes, a path or URI to read, or an already decoded array (only padded and resized); else it is
+read from `source_uri`. The output's `image` replaces the input's.
+
 A file that cannot be read or decoded becomes a row with `error` set (stage `read` or
 `decode`) and a blank image; the job goes on. Images above `max_pixels` are refused from their
 header, before any pixel is decoded, so a decompression bomb is an error row, not an OOM.
@@ -39,7 +43,7 @@ from pipeline.storage import read_bytes
 logger = logging.getLogger(__name__)
 
 STAGE = "decode"
-REQUIRED_COLUMNS = ("id", "source_uri")
+NO_IMAGE_ERROR = "ValueError: the row has no image (its image is null)"
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own decompression-bomb error threshold
 HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
@@ -186,10 +190,36 @@ def expand_frames(data: bytes, uri: str, config: DecodeConfig) -> Iterator[tuple
         yield page, frame.copy()
 
 
+def _sources(batch: pa.Table) -> list:
+    """Per row: a URI (str), encoded bytes, a decoded array, or None."""
+    if IMAGE not in batch.column_names:
+        require_columns(STAGE, batch, ("source_uri",))
+        return batch.column("source_uri").to_pylist()
+    column = batch.column(IMAGE)
+    if isinstance(column.type, pa.ExtensionType):  # Ray's tensor columns: decoded arrays
+        valid = column.is_valid().to_pylist()
+        arrays = [a for chunk in column.chunks for a in chunk.to_numpy(zero_copy_only=False)]
+        return [a if ok else None for a, ok in zip(arrays, valid)]
+    return column.to_pylist()
+
+
+def _from_array(arr: np.ndarray, config: DecodeConfig) -> tuple[np.ndarray, int, int]:
+    arr = np.asarray(arr)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
+        raise ValueError(f"a decoded image must be H x W, H x W x 3 or H x W x 4, got shape "
+                         f"{arr.shape}")
+    check_pixels((arr.shape[1], arr.shape[0]), config.max_pixels)
+    return prepare(Image.fromarray(_stretch(arr)), config)
+
+
 def decode_batch(batch: pa.Table, config: DecodeConfig) -> pa.Table:
     """Ray Data task UDF (`batch_format="pyarrow"`): one row per input (per page if `expand`)."""
-    require_columns(STAGE, batch, REQUIRED_COLUMNS)
     start = time.perf_counter()
+    sources = _sources(batch)
+    uris = (batch.column("source_uri").to_pylist() if "source_uri" in batch.column_names
+            else [s if isinstance(s, str) else "<bytes>" for s in sources])
     blank = np.zeros((config.image_size, config.image_size, 3), np.uint8)
     take, images, widths, heights, errors, stages, pages = [], [], [], [], [], [], []
 
@@ -203,9 +233,21 @@ def decode_batch(batch: pa.Table, config: DecodeConfig) -> pa.Table:
         pages.append(page)
 
     with _own_pixel_limit():
-        for row, uri in enumerate(batch.column("source_uri").to_pylist()):
+        for row, (source, uri) in enumerate(zip(sources, uris)):
+            if source is None:
+                emit(row, error=NO_IMAGE_ERROR, stage="read")
+                continue
+            if isinstance(source, np.ndarray):
+                try:
+                    image, width, height = _from_array(source, config)
+                except Exception as exc:  # noqa: BLE001 - any failure is this row's error
+                    emit(row, error=format_error(exc), stage=STAGE,
+                         page=None if config.expand is None else 0)
+                    continue
+                emit(row, image, (width, height), page=None if config.expand is None else 0)
+                continue
             try:
-                data = read_bytes(uri)
+                data = source if isinstance(source, bytes) else read_bytes(source)
             except Exception as exc:  # noqa: BLE001 - any failure is this row's error
                 emit(row, error=format_error(exc), stage="read")
                 continue
@@ -230,6 +272,8 @@ def decode_batch(batch: pa.Table, config: DecodeConfig) -> pa.Table:
                 emit(row, error=format_error(exc), stage=STAGE)
 
     out = batch.take(pa.array(take, pa.int64()))
+    if IMAGE in out.column_names:  # (after take: a table without columns has no rows)
+        out = out.drop_columns([IMAGE])
     stacked = np.stack(images) if images else np.zeros((0, *blank.shape), np.uint8)
     out = out.append_column(IMAGE, ArrowTensorArray.from_numpy(stacked))
     out = out.append_column("width", pa.array(widths, pa.int32()))

@@ -34,7 +34,7 @@ from pipeline.columns import IMAGE, PREDICTION_FIELDS, format_error, require_col
 logger = logging.getLogger(__name__)
 
 STAGE = "predict"
-REQUIRED_COLUMNS = ("id", "prompt", IMAGE, "width", "height", "error", "error_stage")
+REQUIRED_COLUMNS = ("prompt", IMAGE, "width", "height", "error", "error_stage")
 DEMO_MODEL = "demo"  # the tiny demo model, built on first use (flexattn.demo_model)
 EMPTY_QUESTION_ERROR = "ValueError: empty question (the input row's question is blank)"
 MODEL_CACHE = Path(os.environ.get("FLEXATTN_MODEL_CACHE", "~/.cache/llava-flexattn/models"))
@@ -272,7 +272,8 @@ class Predictor:
             pixels = tensor_column(batch, IMAGE)  # uint8 [B, S, S, 3]
             widths = batch.column("width").to_pylist()
             heights = batch.column("height").to_pylist()
-            ids = batch.column("id").to_pylist()
+            ids = (batch.column("id").to_pylist() if "id" in batch.column_names
+                   else [str(i) for i in range(n)])
             results = self._generate(
                 [ids[i] for i in todo],
                 [Image.fromarray(np.ascontiguousarray(pixels[i])) for i in todo],

@@ -46,6 +46,22 @@ class RunSummary:
     def errors(self) -> int:
         return sum(self.errors_by_stage.values())
 
+    def failure(self, max_error_fraction: float = 1.0) -> str | None:
+        """Why this run counts as failed, or None: every row it wrote is an error row, or
+        more than `max_error_fraction` of them are (a run that wrote nothing has not
+        failed: everything was already written)."""
+        if not self.rows_written:
+            return None
+        stages = ", ".join(f"{k}={v}" for k, v in self.errors_by_stage.items())
+        if self.errors >= self.rows_written:
+            return f"all {self.rows_written} rows written by this run are errors ({stages})"
+        fraction = self.errors / self.rows_written
+        if fraction > max_error_fraction:
+            return (f"{self.errors} of {self.rows_written} rows written by this run are errors"
+                    f" ({fraction:.1%}; {stages}), above --max-error-fraction"
+                    f" {max_error_fraction:g}")
+        return None
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
 

@@ -106,6 +106,32 @@ def test_bad_flags_exit_2_naming_the_flag(argv, flag, capsys):
     assert flag in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv,flag", [
+    (["--max-error-fraction", "1.5"], "--max-error-fraction"),
+    (["--rows-per-file", "0"], "--rows-per-file"),
+])
+def test_new_flags_exit_2_naming_the_flag(argv, flag, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_config(argv)
+    assert exc.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_a_run_whose_rows_all_fail_exits_1_after_writing_them(ray_local, demo_model, tmp_path,
+                                                              capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(b"\xff\xd8 broken")
+    (tmp_path / "in" / "b.png").write_bytes(b"")
+    argv = ["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+            "--model", str(demo_model), "--max-new-tokens", "1", "--memory-per-actor-gb", "0.5"]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert "run summary" in captured.out
+    assert "job failed: all 2 rows written by this run are errors (decode=2)" in captured.err
+    table = pq.read_table(tmp_path / "out")
+    assert sorted(table.column("id").to_pylist()) == ["a.jpg", "b.png"]  # written all the same
+    assert main(argv) == 0  # a rerun writes nothing new: nothing failed
+
+
 def test_caption_job_s3_to_s3(ray_local, s3, pipeline_env, demo_model, capsys):
     names = _upload_images(s3, "tiles")
     argv = ["--input", f"s3://{s3.bucket}/tiles/", "--output", f"s3://{s3.bucket}/captions",

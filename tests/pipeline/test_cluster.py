@@ -5,6 +5,7 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline import ProcessorConfig, build_processor
 from pipeline.run import JobConfig, run
 from tests.helpers import noise_image
 
@@ -67,3 +68,26 @@ def test_actors_on_both_gpu_nodes_and_complete_output(two_gpu_nodes, demo_model,
     answered_on = {t.node_id for t in calls
                    if t.name.startswith(PREDICT_ACTOR) and t.state == "FINISHED"}
     assert answered_on and answered_on <= set(two_gpu_nodes)
+
+
+@pytest.mark.slow
+def test_processor_concurrency_1_2_autoscales_to_both_gpu_nodes(two_gpu_nodes, demo_model):
+    import io
+
+    import ray
+    from ray.util.state import list_actors
+
+    items = []
+    for i in range(16):
+        buf = io.BytesIO()
+        noise_image(200 + 10 * i, 180, seed=i).save(buf, format="PNG")
+        items.append({"id": f"t{i:02d}", "image": buf.getvalue()})
+    config = ProcessorConfig(model=str(demo_model), concurrency=(1, 2), gpus_per_replica=1,
+                             batch_size=1, max_new_tokens=8, memory_per_replica_gb=0.5,
+                             decode_rows_per_task=1)
+    rows = build_processor(config)(ray.data.from_items(items)).take_all()
+    assert sorted(r["id"] for r in rows) == [f"t{i:02d}" for i in range(16)]
+    assert all(r["error"] is None and r["answer"] is not None for r in rows)
+    # It started with one replica and, with batches queued, Ray Data added the second.
+    actors = list_actors(filters=[("class_name", "=", PREDICT_ACTOR)], detail=True)
+    assert len(actors) == 2 and {a.node_id for a in actors} == set(two_gpu_nodes)

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.inputs import InputConfig, list_inputs
+from pipeline.inputs import InputConfig, iter_inputs, list_inputs
 
 
 def _tree(root):
@@ -120,3 +120,62 @@ def test_nothing_found_names_the_flag(tmp_path):
         list_inputs(InputConfig(str(tmp_path / "empty")))
     with pytest.raises(ValueError, match="--limit"):
         InputConfig(str(tmp_path), limit=0)
+
+
+def _shard(path, rows):
+    if path.suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        path.write_text("id,image_uri\n" + "".join(f"{r['id']},{r['image_uri']}\n" for r in rows))
+
+
+def test_folder_of_manifest_shards_in_name_order(tmp_path):
+    (tmp_path / "m").mkdir()
+    _shard(tmp_path / "m" / "part-1.csv", [{"id": "010", "image_uri": "x/c.png"}])
+    _shard(tmp_path / "m" / "part-0.parquet", [{"id": "a", "image_uri": "x/a.png"},
+                                               {"id": "b", "image_uri": "/abs/b.png"}])
+    table = list_inputs(InputConfig(str(tmp_path / "m")))
+    assert table.column("id").to_pylist() == ["a", "b", "010"]
+    assert table.column("source_uri").to_pylist() == [
+        str(tmp_path / "m/x/a.png"), "/abs/b.png", str(tmp_path / "m/x/c.png")]
+    _shard(tmp_path / "m" / "part-2.csv", [{"id": "a", "image_uri": "again.png"}])
+    with pytest.raises(ValueError, match=r"duplicate ids \['a'\]"):  # across shards
+        list_inputs(InputConfig(str(tmp_path / "m")))
+
+
+def test_inputs_come_in_blocks_with_the_limit_across_them(tmp_path):
+    rows = [{"id": f"t{i:03d}", "image_uri": f"../img/{i % 3}.jpg"} for i in range(250)]
+    _shard(tmp_path / "m.parquet", rows)
+    blocks = list(iter_inputs(InputConfig(str(tmp_path / "m.parquet")), block_rows=100))
+    assert [b.num_rows for b in blocks] == [100, 100, 50]
+    assert blocks[2].column("id").to_pylist()[-1] == "t249"
+    assert blocks[0].column("source_uri").to_pylist()[:2] == [
+        str(tmp_path.parent / "img/0.jpg"), str(tmp_path.parent / "img/1.jpg")]  # normalised
+    limited = list(iter_inputs(InputConfig(str(tmp_path / "m.parquet"), limit=130),
+                               block_rows=100))
+    assert [b.num_rows for b in limited] == [100, 30]
+    assert rebatch_sizes([3, 4, 0, 5], 4) == [4, 4, 4]
+
+
+def rebatch_sizes(sizes, rows):
+    from pipeline.inputs import rebatch
+
+    tables = [pa.table({"x": pa.array(range(n), pa.int64())}) for n in sizes]
+    return [t.num_rows for t in rebatch(tables, rows)]
+
+
+def test_nested_s3_prefix_is_listed_in_parallel_like_a_flat_listing(s3):
+    from pipeline.inputs import LIST_THREADS, find_files
+    from pipeline.storage import open_fs
+
+    keys = [f"tiles/{z}/{x}/t{i}.jpg" for z in ("z1", "z2") for x in range(LIST_THREADS + 2)
+            for i in range(2)]
+    keys += ["tiles/top.jpg", "tiles/z1/readme.md"]
+    for key in keys:
+        s3.put_object(Bucket=s3.bucket, Key=key, Body=b"x")
+    fs, root = open_fs(f"s3://{s3.bucket}/tiles/")
+    assert sorted(find_files(fs, root)) == sorted(f"{s3.bucket}/{k}" for k in keys)
+    table = list_inputs(InputConfig(f"s3://{s3.bucket}/tiles/"))
+    assert table.num_rows == len(keys) - 1  # not the readme
+    assert table.column("id").to_pylist() == sorted(k.removeprefix("tiles/") for k in keys
+                                                    if k.endswith(".jpg"))

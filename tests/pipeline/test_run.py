@@ -7,10 +7,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.columns import output_schema
+from pipeline.columns import conform, output_schema
 from pipeline.resume import list_output_files
 from pipeline.run import JobConfig, add_task_columns, build_dataset, parse_actors, run
 from pipeline.tasks import CAPTION
+from pipeline.write import part_name, write_table
 from tests.helpers import noise_image
 
 
@@ -66,6 +67,32 @@ def test_run_resume_and_overwrite(ray_local, demo_model, tmp_path):
     assert sorted(pq.read_table(out).column("id").to_pylist()) == ["img0.jpg", "img1.jpg"]
 
 
+def test_resume_drops_written_inputs_block_by_block(ray_local, demo_model, tmp_path,
+                                                    monkeypatch):
+    monkeypatch.setattr("pipeline.inputs.LISTING_BLOCK_ROWS", 7)  # 30 inputs -> 5 blocks
+    (tmp_path / "img").mkdir()
+    for i in range(2):
+        noise_image(300, 200 + 100 * i, seed=i).save(tmp_path / "img" / f"{i}.png")
+    ids = [f"r{i:02d}" for i in range(30)]
+    pq.write_table(pa.table({"id": ids, "image_uri": [f"img/{i % 2}.png" for i in range(30)]}),
+                   tmp_path / "manifest.parquet")
+    out = tmp_path / "out"
+    before = ids[:14] + ["r20"]  # blocks 0 and 1 whole, one row of block 2
+    schema = output_schema(CAPTION.extra_fields)
+    earlier = conform(pa.table({"id": before, "source_uri": before,
+                                "task": ["caption"] * 15}), schema)
+    write_table(earlier, str(out), part_name(earlier, ("id",)))
+    summary = run(_config(tmp_path, model=str(demo_model), input=str(tmp_path / "manifest.parquet"),
+                          batch_size=4, max_new_tokens=1, rows_per_file=4))
+    assert (summary.rows_listed, summary.rows_skipped, summary.rows_written) == (30, 15, 15)
+    table = pq.read_table(out)
+    assert sorted(table.column("id").to_pylist()) == ids  # each input exactly once
+    new_files = [pq.read_metadata(p).num_rows for p in out.glob("part-*.parquet")
+                 if p.name != part_name(earlier, ("id",))]
+    assert sum(new_files) == 15 and len(new_files) <= 4  # >= 4 rows a file, the last fewer
+    assert sorted(new_files)[1:] == [n for n in sorted(new_files)[1:] if n >= 4]
+
+
 def _optimized_plan(ds, capsys) -> str:
     capsys.readouterr()
     ds.explain()  # prints the logical and physical plans, the optimized physical plan last
@@ -76,17 +103,22 @@ def test_decode_in_actors_fuses_decode_into_the_actors(ray_local, tmp_path, caps
     todo = add_task_columns(pa.table({"id": ["a.jpg"], "source_uri": ["/x/a.jpg"]}), CAPTION,
                             None)
     done = pa.table({"id": ["b.jpg"], "page": pa.array([0], pa.int32())})
+    split = "TaskPoolMapOperator[StreamingRepartition[num_rows_per_block=2,strict=False]]"
+    prepare = "MapBatches(add_task_columns)->MapBatches(decode_batch)"
     separate = _optimized_plan(build_dataset(_config(tmp_path, model="demo"), todo), capsys)
-    assert "TaskPoolMapOperator[MapBatches(decode_batch)]" in separate
+    assert f"TaskPoolMapOperator[{prepare}]" in separate
     assert "ActorPoolMapOperator[MapBatches(Predictor)]" in separate
+    # Large input blocks are split into decode-sized ones by an operator of their own, so
+    # decode runs in one task per small block, not inside the split's task.
+    assert split in separate
     fused = _optimized_plan(build_dataset(_config(tmp_path, model="demo", decode_in_actors=True),
                                           todo), capsys)
-    assert "ActorPoolMapOperator[MapBatches(decode_batch)->MapBatches(Predictor)]" in fused
-    assert "TaskPoolMapOperator[MapBatches(decode_batch)]" not in fused
+    assert f"ActorPoolMapOperator[{prepare}->MapBatches(Predictor)]" in fused
+    assert "TaskPoolMapOperator[MapBatches(add_task_columns)" not in fused and split in fused
     # A resume filter between decode and predict (tasks keyed after decode) joins them too.
     fused = _optimized_plan(build_dataset(_config(tmp_path, model="demo", decode_in_actors=True),
                                           todo, done), capsys)
-    assert ("ActorPoolMapOperator[MapBatches(decode_batch)->MapBatches(drop_written)"
+    assert (f"ActorPoolMapOperator[{prepare}->MapBatches(drop_written)"
             "->MapBatches(Predictor)]") in fused
 
 

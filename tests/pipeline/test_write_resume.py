@@ -11,7 +11,9 @@ import pytest
 
 from pipeline.columns import OUTPUT_SCHEMA, MissingColumnsError, conform, output_schema
 from pipeline.resume import (
+    DoneKeys,
     done_keys,
+    drop_done_blocks,
     list_output_files,
     pending,
     prepare_output,
@@ -138,3 +140,49 @@ def test_summary_from_stats_table_and_json(tmp_path):
     data = json.loads((tmp_path / "_summary.json").read_text())
     assert uri == str(tmp_path / "_summary.json")
     assert data["errors_by_stage"] == {"decode": 1} and data["rows_written"] == 3
+
+
+def test_done_keys_are_read_and_filtered_in_the_cluster(ray_local, tmp_path):
+    import ray
+
+    out = str(tmp_path / "out")
+    ParquetSink(out, OUTPUT_SCHEMA).write([_rows(["a", "c"])], ctx=None)
+    ParquetSink(out, OUTPUT_SCHEMA).write([_rows(["e"], errors=["read"])], ctx=None)
+    done = DoneKeys.collect(out, ("id",), "caption")
+    assert done.rows == 3 and sorted(done.table().column("id").to_pylist()) == ["a", "c", "e"]
+    blocks = [ray.put(pa.table({"id": ids, "source_uri": ids}))
+              for ids in (["a", "b"], ["c", "e"], ["f", "g", "a"])]
+    kept, left = drop_done_blocks(blocks, 7, done)
+    assert left == 3  # b, f, g
+    assert [ray.get(b).column("id").to_pylist() for b in kept] == [["b"], ["f", "g"]]
+    with pytest.raises(ValueError, match="--output .* holds rows of task"):
+        DoneKeys.collect(out, ("id",), "ocr")
+    nothing = DoneKeys.collect(str(tmp_path / "nothing"), ("id",), "caption")
+    assert (nothing.rows, nothing.ref, nothing.table().num_rows) == (0, None, 0)
+    assert drop_done_blocks(blocks, 7, nothing) == (blocks, 7)
+    (tmp_path / "out" / "part-bad.parquet").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="part-bad.parquet is not readable Parquet"):
+        DoneKeys.collect(out, ("id",), "caption")
+
+
+def test_rows_per_file_is_the_sinks_write_bundle():
+    assert ParquetSink("out", OUTPUT_SCHEMA, rows_per_file=500).min_rows_per_write == 500
+    assert ParquetSink("out", OUTPUT_SCHEMA).min_rows_per_write is None
+    with pytest.raises(ValueError, match="--rows-per-file"):
+        ParquetSink("out", OUTPUT_SCHEMA, rows_per_file=0)
+
+
+def test_failure_reason_for_the_exit_status(tmp_path):
+    def summary(written, errors):
+        return RunSummary(task="caption", model="m", output=str(tmp_path), rows_listed=10,
+                          rows_skipped=0, rows_written=written, rows_ok=written - errors,
+                          errors_by_stage={"decode": errors} if errors else {})
+
+    assert summary(0, 0).failure() is None  # nothing to do is not a failure
+    assert summary(4, 3).failure() is None  # the default tolerates any share but all
+    assert summary(4, 4).failure() == ("all 4 rows written by this run are errors"
+                                       " (decode=4)")
+    assert summary(4, 1).failure(0.25) is None
+    assert summary(4, 2).failure(0.25) == (
+        "2 of 4 rows written by this run are errors (50.0%; decode=2), above"
+        " --max-error-fraction 0.25")

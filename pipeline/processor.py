@@ -1,0 +1,229 @@
+"""The model stage as a Ray Data processor, in the style of `ray.data.llm`: a config,
+`build_processor(config, preprocess=None, postprocess=None)`, and a callable from Dataset to
+Dataset that drops into a user's own Ray Data pipeline.
+
+    processor = build_processor(
+        ProcessorConfig(model="s3://bucket/models/7b", concurrency=(1, 8), batch_size=8),
+        preprocess=lambda row: {**row, "prompt": f"Is there a {row['object']} here?"},
+        postprocess=lambda row: {"id": row["id"], "answer": row["answer"]},
+    )
+    processor(ray.data.read_parquet("s3://bucket/catalogue/")).write_parquet("s3://bucket/out/")
+
+Input rows carry the image as `image`: encoded file bytes (binary), a path or URI (string), or
+an already decoded array (uint8 H x W x 3, H x W or H x W x 4; other dtypes are min-max
+stretched); rows without `image` are read from `source_uri` (what `pipeline.run` lists). The
+question is the row's `prompt`, else its `question`, else `config.prompt`, else the task's
+default. Output rows keep the other input columns and add `task`, `prompt`, `width`,
+`height`, the prediction columns of the output schema (`answer`, `model`, token counts,
+selection statistics, timings, `selection_map`, `tflops`) and `error` / `error_stage`: a row
+whose image cannot be read or decoded, or whose generation fails, is an error row and the
+rest go on.
+
+Stages: [preprocess] -> split into blocks of `decode_rows_per_task` rows inside the cluster (a
+streaming repartition: the input may come in a few large blocks) -> prompts and decode (CPU
+tasks) -> [after_decode] -> predict (an autoscaling pool of
+actors, one model replica each) -> [the task's finalize] -> [postprocess].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from pipeline.columns import QUESTION
+from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeConfig, decode_batch
+from pipeline.predict import DEMO_MODEL, KEEP_FREED_MEMORY_ENV, PredictConfig, Predictor
+from pipeline.tasks import CAPTION, Task
+
+Row = dict[str, Any]
+
+# Each field's job flag, so that a bad value names both (`JobConfig` builds this config).
+FLAGS = {
+    "batch_size": "--batch-size", "concurrency": "--actors",
+    "gpus_per_replica": "--gpus-per-actor", "cpus_per_replica": "--cpus-per-actor",
+    "memory_per_replica_gb": "--memory-per-actor-gb",
+    "decode_rows_per_task": "--decode-rows-per-task", "prompt": "--prompt",
+}
+
+
+def _invalid(name: str, rule: str, value: object) -> ValueError:
+    return ValueError(f"{name} ({FLAGS[name]}) must be {rule}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ProcessorConfig:
+    model: str = DEMO_MODEL  # checkpoint directory, an object-storage URI of one, or "demo"
+    vision_tower: str | None = None  # default: from the checkpoint's config
+    mode: str = "flexattn"  # flexattn, lowres or fullres
+    dtype: str | None = None  # None: bfloat16 on CUDA, float32 on CPU
+    batch_size: int = 4  # rows per generate() call on a replica
+    concurrency: int | tuple[int, int] = 1  # replicas: n, or (min, max) to autoscale
+    gpus_per_replica: float | None = None  # None: 1 if the cluster has GPUs, else 0
+    cpus_per_replica: float = 1.0
+    memory_per_replica_gb: float = 2.0  # host memory reserved per replica
+    max_new_tokens: int = 64
+    overrides: Mapping[str, object] = field(default_factory=dict)  # model config fields
+    prompt: str | None = None  # for rows without one (default: the task's)
+    task: Task = CAPTION
+    image_size: int = 1008  # the model's highres_size
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images become error rows
+    decode_rows_per_task: int = 8
+    # Decode inside the model actors (Ray Data fuses the stages): for CPU-only clusters whose
+    # actors keep every core busy; it saves moving each decoded image through the object store.
+    decode_in_actors: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise _invalid("batch_size", ">= 1", self.batch_size)
+        low, high = self.pool_size
+        if not 1 <= low <= high:
+            raise _invalid("concurrency", "n or (min, max) with 1 <= min <= max",
+                           self.concurrency)
+        if self.gpus_per_replica is not None and self.gpus_per_replica < 0:
+            raise _invalid("gpus_per_replica", ">= 0", self.gpus_per_replica)
+        if self.cpus_per_replica <= 0:
+            raise _invalid("cpus_per_replica", "> 0", self.cpus_per_replica)
+        if self.memory_per_replica_gb < 0:
+            raise _invalid("memory_per_replica_gb", ">= 0", self.memory_per_replica_gb)
+        if self.decode_rows_per_task < 1:
+            raise _invalid("decode_rows_per_task", ">= 1", self.decode_rows_per_task)
+        if self.prompt is not None and not self.prompt.strip():
+            raise _invalid("prompt", "a question, not blank", self.prompt)
+        self.decode_config(), self.predict_config()  # --mode, --max-pixels, ...
+
+    @property
+    def pool_size(self) -> tuple[int, int]:
+        """(min, max) replicas."""
+        c = self.concurrency
+        if isinstance(c, int) and not isinstance(c, bool):
+            return c, c
+        if isinstance(c, tuple | list) and len(c) == 2 and all(isinstance(v, int) for v in c):
+            return int(c[0]), int(c[1])
+        return 0, 0  # refused by __post_init__
+
+    def decode_config(self) -> DecodeConfig:
+        return DecodeConfig(image_size=self.image_size, max_pixels=self.max_pixels,
+                            expand=self.task.expand)
+
+    def predict_config(self) -> PredictConfig:
+        return PredictConfig(model=self.model, vision_tower=self.vision_tower, mode=self.mode,
+                             max_new_tokens=self.max_new_tokens, dtype=self.dtype,
+                             overrides=tuple(sorted(dict(self.overrides).items())))
+
+    def resolved_gpus_per_replica(self) -> float:
+        """`gpus_per_replica`, or 1 when the connected cluster has GPUs, else 0."""
+        if self.gpus_per_replica is not None:
+            return self.gpus_per_replica
+        return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+
+    def check_cpu_budget(self) -> None:
+        """CPU-only replicas that take every CPU leave none for decoding: Ray would wait
+        forever. Refuse that (GPU clusters keep CPUs beside their GPUs)."""
+        if self.resolved_gpus_per_replica() > 0:
+            return
+        cpus = ray.cluster_resources().get("CPU", 0)
+        high, per = self.pool_size[1], self.cpus_per_replica
+        if cpus and high * per > cpus - 1:
+            raise ValueError(
+                f"--actors {high} x --cpus-per-actor {per:g} would hold {high * per:g} of the"
+                f" cluster's {cpus:g} CPUs (concurrency x cpus_per_replica), leaving less than"
+                " one for the decode and write tasks; lower --actors or --cpus-per-actor")
+
+    def actor_args(self) -> dict[str, Any]:
+        """Ray resources of one replica."""
+        gpus = self.resolved_gpus_per_replica()
+        args: dict[str, Any] = {
+            "num_cpus": self.cpus_per_replica,
+            "num_gpus": gpus,
+            "memory": int(self.memory_per_replica_gb * 1024**3) or None,
+        }
+        if not gpus:  # the model runs on CPU: its buffers' memory is kept for reuse
+            args["runtime_env"] = {"env_vars": KEEP_FREED_MEMORY_ENV}
+        return args
+
+
+def add_task_columns(inputs: pa.Table, task: Task, prompt: str | None) -> pa.Table:
+    """`task` and `prompt` for every row: the row's `prompt`, else its `question`, else
+    `prompt`, else the task's default."""
+    n = inputs.num_rows
+    prompts = pa.repeat(pa.scalar(prompt or task.default_prompt, pa.string()), n)
+    for name in (QUESTION, "prompt"):  # the later wins
+        if name in inputs.column_names:
+            prompts = pc.coalesce(inputs.column(name).cast(pa.string()), prompts)
+    for name, column in (("task", pa.repeat(pa.scalar(task.name, pa.string()), n)),
+                         ("prompt", prompts)):
+        if name in inputs.column_names:
+            inputs = inputs.drop_columns([name])
+        inputs = inputs.append_column(name, column)
+    return inputs
+
+
+class Processor:
+    """Dataset -> Dataset: the rows answered (see the module's docstring). `after_decode` is
+    `(fn, fn_kwargs)`, a batch filter run between decode and predict (resume for tasks keyed
+    after decode)."""
+
+    def __init__(self, config: ProcessorConfig, preprocess: Callable[[Row], Row] | None = None,
+                 postprocess: Callable[[Row], Row] | None = None,
+                 after_decode: tuple[Callable[..., pa.Table], dict] | None = None):
+        self.config = config
+        self.preprocess = preprocess
+        self.postprocess = postprocess
+        self.after_decode = after_decode
+
+    def __call__(self, ds: ray.data.Dataset) -> ray.data.Dataset:
+        config = self.config
+        config.check_cpu_budget()
+        actor_args = config.actor_args()
+        # Ray Data fuses a task stage into the actor stage after it when both ask for the same
+        # resources. By default decode asks for other ones (a whole CPU, no memory reservation,
+        # no runtime_env), so it runs in parallel tasks while the actors generate. With
+        # decode_in_actors the stages before predict ask for the actors' very resources, which
+        # is what lets Ray Data fuse them into the actor operator.
+        stage_args = actor_args if config.decode_in_actors else {"num_cpus": 1}
+        if self.preprocess is not None:
+            ds = ds.map(self.preprocess)
+        # Large input blocks become decode-sized ones here, in the cluster, as they stream.
+        # (Not after a map_batches: Ray Data would fuse it, the split and decode into one task
+        # per large block.)
+        ds = ds.repartition(target_num_rows_per_block=config.decode_rows_per_task)
+        ds = ds.map_batches(add_task_columns, fn_kwargs={"task": config.task,
+                                                         "prompt": config.prompt},
+                            batch_size=None, batch_format="pyarrow",
+                            udf_modifying_row_count=False, **stage_args)
+        ds = ds.map_batches(decode_batch, fn_kwargs={"config": config.decode_config()},
+                            batch_size=None, batch_format="pyarrow",
+                            udf_modifying_row_count=config.task.expand is not None, **stage_args)
+        if self.after_decode is not None:
+            fn, kwargs = self.after_decode
+            ds = ds.map_batches(fn, fn_kwargs=kwargs, batch_size=None, batch_format="pyarrow",
+                                **stage_args)
+        low, high = config.pool_size
+        ds = ds.map_batches(
+            Predictor,
+            fn_constructor_kwargs={"config": config.predict_config()},
+            batch_size=config.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
+            udf_modifying_row_count=False,
+            **actor_args,
+        )
+        if config.task.finalize is not None:
+            ds = ds.map_batches(config.task.finalize, batch_size=None, batch_format="pyarrow",
+                                udf_modifying_row_count=False)
+        if self.postprocess is not None:
+            ds = ds.map(self.postprocess)
+        return ds
+
+
+def build_processor(config: ProcessorConfig, preprocess: Callable[[Row], Row] | None = None,
+                    postprocess: Callable[[Row], Row] | None = None) -> Processor:
+    """A callable from Dataset to Dataset that answers every row (`ray.data.llm`'s
+    `build_llm_processor`, for LLaVA-FlexAttn). `preprocess` and `postprocess` map one row
+    (a dict) to another, before the stages and after them."""
+    return Processor(config, preprocess, postprocess)
