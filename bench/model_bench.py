@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import resource
 import statistics
@@ -40,37 +41,37 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from flexattn import llava_v1_prompt  # noqa: E402
-from flexattn.config import FlexAttnConfig  # noqa: E402
-from flexattn.flops import image_cost  # noqa: E402
-from flexattn.random_model import random_model  # noqa: E402
+from flexattn import llava_v1_prompt
+from flexattn.config import FlexAttnConfig
+from flexattn.flops import image_cost
+from flexattn.random_model import random_model
 
 PRESETS = {
     # LLM width 1024 x 12 layers with selection from layer 8 (3 FlexAttention layers); a CLIP
     # tower whose cost per 336 crop is ~4% of the LLM prefill, as CLIP-L is for the 7B model;
     # the real 24x24 / 72x72 grids.
-    "cpu-mini": dict(
-        llm=dict(vocab_size=8192, hidden_size=1024, intermediate_size=2752, num_hidden_layers=12,
-                 num_attention_heads=16, num_key_value_heads=16, mm_hidden_size=256),
-        clip=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
-                  num_attention_heads=4),
-        device="cpu", dtype="float32", batches=[1, 4, 8], fullres_batches=[1], repeats=2),
+    "cpu-mini": {
+        "llm": {"vocab_size": 8192, "hidden_size": 1024, "intermediate_size": 2752, "num_hidden_layers": 12,
+                 "num_attention_heads": 16, "num_key_value_heads": 16, "mm_hidden_size": 256},
+        "clip": {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 6,
+                  "num_attention_heads": 4},
+        "device": "cpu", "dtype": "float32", "batches": [1, 4, 8], "fullres_batches": [1], "repeats": 2},
     # a few seconds a run, for the harness's own test (tests/bench): its times mean nothing
-    "cpu-tiny": dict(
-        llm=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=10,
-                 num_attention_heads=4, num_key_value_heads=4, mm_hidden_size=32),
-        clip=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=2),
-        device="cpu", dtype="float32", batches=[1, 2], fullres_batches=[1], repeats=1),
+    "cpu-tiny": {
+        "llm": {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 10,
+                 "num_attention_heads": 4, "num_key_value_heads": 4, "mm_hidden_size": 32},
+        "clip": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                  "num_attention_heads": 2},
+        "device": "cpu", "dtype": "float32", "batches": [1, 2], "fullres_batches": [1], "repeats": 1},
     # LLaVA-1.5-7B and CLIP ViT-L/14-336 shapes, random weights, bf16
-    "gpu-7b": dict(
-        llm=dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-                 mm_hidden_size=1024),
-        clip=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                  num_attention_heads=16),
-        device="cuda", dtype="bfloat16", batches=[1, 8, 16], fullres_batches=[1, 8, 16],
-        repeats=3),
+    "gpu-7b": {
+        "llm": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+                 "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+                 "mm_hidden_size": 1024},
+        "clip": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                  "num_attention_heads": 16},
+        "device": "cuda", "dtype": "bfloat16", "batches": [1, 8, 16], "fullres_batches": [1, 8, 16],
+        "repeats": 3},
 }
 VARIANTS = {  # name -> (mode, config changes)
     "lowres": ("lowres", {}),
@@ -138,7 +139,8 @@ def source_commit() -> str:
     """HEAD's short hash, with ``+dirty`` when tracked files other than benchmark results
     (``bench/results/``, ``bench/RESULTS.md``) differ from it."""
     def git(*cmd):
-        return subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=ROOT).stdout
+        return subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=ROOT,
+                              check=False).stdout
     head = git("rev-parse", "--short", "HEAD").strip()
     changed = git("status", "--porcelain", "--untracked-files=no", "--", ".",
                   ":(exclude)bench/results", ":(exclude)bench/RESULTS.md").strip()
@@ -318,7 +320,7 @@ def ratios(rows: list[dict]) -> dict[str, float]:
             / get("flexattn", b, "decode_ms_per_token"))
         out[f"b{b} no-kv-reuse/kv-reuse per image"] = get(
             "flexattn-no-kv-reuse", b, "ms_per_image") / flex
-    return {k: v for k, v in out.items() if v == v}  # drop NaN (missing combinations)
+    return {k: v for k, v in out.items() if not math.isnan(v)}  # drop missing combinations
 
 
 def all_ratios(rows: list[dict], cfg, gflops: float) -> dict[str, float]:

@@ -27,12 +27,11 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.model_bench import provenance, source_commit, write_json  # noqa: E402
-from flexattn import synthhr  # noqa: E402
-from jobs import score_rsvqa  # noqa: E402
-from pipeline.resume import read_output  # noqa: E402
-
-MODES = ("flexattn", "lowres", "fullres")
+from bench.model_bench import provenance, source_commit, write_json
+from flexattn import synthhr
+from flexattn.options import MODES
+from jobs import score_rsvqa
+from pipeline.resume import read_output
 
 
 def tiles_of(cells: list[bool], zoom: int = 3) -> int:
@@ -72,18 +71,20 @@ def summarize(rows: list[dict], manifest: dict[str, dict]) -> dict:
 
 def markdown(results: dict[str, dict]) -> str:
     f, lo, fu = (results[m] for m in MODES)
-    lines = ["| mode | pattern acc | count acc | centre cell selected | selected frac | tiles"
-             " | ms / image | TFLOPs / image |", "|---|---|---|---|---|---|---|---|"]
+    header = ("| mode | pattern acc | count acc | centre cell selected | selected frac | tiles"
+              " | ms / image | TFLOPs / image |")
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
     for m in MODES:
         r = results[m]
         lines.append(f"| {m} | {r['pattern_accuracy']:.3f} | {r['count_accuracy']:.3f} "
                      f"| {r['centre_cell_selected']:.3f} | {r['hr_selected_frac']:.4f} "
                      f"| {r['tiles_encoded']:.2f} | {r['ms_per_image']:.1f} "
                      f"| {r['tflops_per_image']:.5f} |")
-    lines += ["", f"flexattn / lowres: {f['ms_per_image'] / lo['ms_per_image']:.2f}x ms, "
+    ratios = (f"flexattn / lowres: {f['ms_per_image'] / lo['ms_per_image']:.2f}x ms, "
               f"{f['tflops_per_image'] / lo['tflops_per_image']:.2f}x TFLOPs; "
               f"fullres / flexattn: {fu['ms_per_image'] / f['ms_per_image']:.2f}x ms, "
-              f"{fu['tflops_per_image'] / f['tflops_per_image']:.2f}x TFLOPs"]
+              f"{fu['tflops_per_image'] / f['tflops_per_image']:.2f}x TFLOPs")
+    lines += ["", ratios]
     return "\n".join(lines) + "\n"
 
 

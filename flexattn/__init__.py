@@ -18,7 +18,8 @@ _EXPORTS = {
     "LlavaFlexAttn": "generate", "CheckpointError": "loading", "convert": "loading",
     "load_model": "loading", "save_model": "loading",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = ["CheckpointError", "FlexAttnConfig", "Generation", "LlavaFlexAttn", "convert",
+           "llava_v1_prompt", "load_model", "save_model"]
 
 
 def __getattr__(name: str) -> Any:

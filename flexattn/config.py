@@ -67,7 +67,7 @@ class FlexAttnConfig:
             if isinstance(value, float) and value.is_integer():
                 value = int(value)
             if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"{name} must be an integer, got {value!r}")
+                raise ValueError(f"{name} must be an integer, got {value!r}")  # noqa: TRY004
             setattr(self, name, value)
         self.threshold = float(self.threshold)
         self.image_mean = tuple(float(x) for x in self.image_mean)

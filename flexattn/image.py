@@ -43,7 +43,7 @@ def lowres_view(highres: torch.Tensor, lowres_size: int) -> torch.Tensor:
 
 def tiles(highres: torch.Tensor, tile: int) -> torch.Tensor:
     """[N, 3, Z*t, Z*t] -> [N*Z*Z, 3, t, t], tiles of each image row-major."""
-    n, c, hgt, wid = highres.shape
+    n, c, hgt, _ = highres.shape
     z = hgt // tile
     x = highres.view(n, c, z, tile, z, tile).permute(0, 2, 4, 1, 3, 5)  # [N, Zr, Zc, C, t, t]
     return x.reshape(n * z * z, c, tile, tile)

@@ -80,7 +80,7 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     if files:
         for f in files:
             with safe_open(str(f), framework="pt") as fh:
-                for k in fh.keys():
+                for k in fh.keys():  # noqa: SIM118 - safe_open is not a dict
                     state[k] = fh.get_tensor(k)
         return state
     bins = sorted(directory.glob("pytorch_model*.bin"))
@@ -165,7 +165,7 @@ def _clip_from_state(vision_config: CLIPVisionConfig, state: dict[str, torch.Ten
     prefixed = any(k.startswith("vision_model.") for k in clip.state_dict())
     named = {}
     for k, v in state.items():
-        bare = k[len("vision_model."):] if k.startswith("vision_model.") else k
+        bare = k.removeprefix("vision_model.")
         named[("vision_model." + bare) if prefixed else bare] = v.to(dtype)
     named = {k: v for k, v in named.items() if not k.endswith("position_ids")}
     _assign(clip, named, "vision tower")

@@ -4,6 +4,10 @@ a loaded model, CLIP's normalisation and the padding colour derived from it."""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 MODES = ("flexattn", "lowres", "fullres")
 DTYPES = ("bfloat16", "float16", "float32")
 # Fields a loaded model may change: how it runs, not what was built. Everything else (sizes,
@@ -21,3 +25,29 @@ def pad_colour(mean: tuple[float, float, float] = CLIP_MEAN) -> tuple[int, int, 
 
 
 PAD_COLOUR = pad_colour()
+
+
+# The high-resolution side every published LLaVA-FlexAttn checkpoint uses (3 x 336).
+DEFAULT_HIGHRES_SIZE = 1008
+
+
+def checkpoint_highres_size(directory: str | os.PathLike) -> int | None:
+    """The side of the padded square image a local checkpoint folder expects (its
+    ``highres_size``), read from its config alone; None for what is not a local folder (an
+    object-storage URI is only read when a replica loads it). Any of the three layouts the
+    loader reads: ours (``flexattn_config.json``), the original (``extra.highres_size``, else
+    1008) and Hugging Face LLaVA (3 x the vision tower's ``image_size``)."""
+    folder = Path(directory)
+    if not folder.is_dir():
+        return None
+    own = folder / "flexattn_config.json"
+    if own.is_file():
+        return int(json.loads(own.read_text())["config"].get("highres_size",
+                                                              DEFAULT_HIGHRES_SIZE))
+    config = folder / "config.json"
+    if not config.is_file():
+        return None
+    raw = json.loads(config.read_text())
+    if raw.get("model_type") == "llava":
+        return 3 * int((raw.get("vision_config") or {}).get("image_size", 336))
+    return int((raw.get("extra") or {}).get("highres_size", DEFAULT_HIGHRES_SIZE))

@@ -50,7 +50,7 @@ def select_high_res(attn_map: torch.Tensor, keep: torch.Tensor, threshold: float
 def blocks_to_tokens(block_mask: torch.Tensor, hr_grid: int) -> torch.Tensor:
     """[B, P*P] block mask -> [B, hr_grid**2] token mask over the high-res grid, row-major."""
     b, n = block_mask.shape
-    p = int(round(n ** 0.5))
+    p = round(n ** 0.5)
     up = F.interpolate(block_mask.view(b, 1, p, p).float(), size=(hr_grid, hr_grid),
                        mode="nearest")
     return up.view(b, -1) > 0
@@ -64,7 +64,7 @@ def hr_rope_tables(cos: torch.Tensor, sin: torch.Tensor, hr_grid: int
     channel laid out as GxG and bicubically interpolated (align_corners=False, no clamping)."""
     def grow(t: torch.Tensor) -> torch.Tensor:
         b, n, d = t.shape
-        g = int(round(n ** 0.5))
+        g = round(n ** 0.5)
         grid = t.float().permute(0, 2, 1).reshape(b, d, g, g)
         up = F.interpolate(grid, size=(hr_grid, hr_grid), mode="bicubic", align_corners=False)
         return up.reshape(b, d, hr_grid * hr_grid).permute(0, 2, 1)

@@ -112,25 +112,27 @@ def start(args: argparse.Namespace) -> None:
         ray.init()
 
 
-def finish(config: JobConfig, args: argparse.Namespace, summary: RunSummary,
-           report: tuple[str, str, dict, str, list] | None = None) -> int:
-    """After the run: with `report` = (name, title, scores, markdown, table rows), write
+def finish(config: JobConfig, args: argparse.Namespace, summary: RunSummary) -> int:
+    """After the run: the task's report (`Task.report`) over the whole output, written as
     OUTPUT/_<name>.json and .md; print the run summary and the report's table; draw
     --save-overlays; say where the results are. Returns the job's exit status: 1, saying why,
     when every row this run wrote is an error row or more than --max-error-fraction are."""
     from pipeline.overlays import save_overlays
     from pipeline.report import format_table, write_report
+    from pipeline.resume import read_output
 
     files = "Parquet and _summary.json"
+    report = config.task.report
+    scores = None
     if report is not None:
-        name, title, scores, markdown, rows = report
-        json_uri, _ = write_report(config.output, name, scores, markdown)
+        scores = report.summarize(read_output(config.output, columns=list(report.columns)))
+        json_uri, _ = write_report(config.output, report.name, scores, report.markdown(scores))
         files = f"Parquet, _summary.json and {json_uri.rsplit('/', 1)[-1]} (+ .md)"
     print()
     print(summary.format_table())
     if report is not None:
         print()
-        print(format_table(title, rows))
+        print(format_table(report.title, report.rows(scores)))
     if args.save_overlays:
         written = save_overlays(config.output, args.save_overlays, config.task.expand,
                                 config.decode_config())

@@ -31,18 +31,12 @@ from pipeline.ocr import (
     DEFAULT_MAX_LONG_EDGE,
     OCR_PROMPT,
     RenderConfig,
-    format_markdown,
     ocr_task,
     read_ground_truth,
-    summarize,
-    summary_rows,
 )
-from pipeline.resume import read_output
 
 DEFAULT_INPUT = str(REPO / "samples" / "documents")
 DEFAULT_OUTPUT = "outputs/ocr_documents"
-SUMMARY_COLUMNS = ["id", "page", "error", "error_stage", "generated_tokens", "cer", "wer",
-                   "char_edits", "ref_chars", "word_edits", "ref_words"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,8 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_config(argv: list[str] | None = None
-                 ) -> tuple[JobConfig, argparse.Namespace, dict | None]:
+def parse_config(argv: list[str] | None = None) -> tuple[JobConfig, argparse.Namespace]:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -74,16 +67,13 @@ def parse_config(argv: list[str] | None = None
         truths = read_ground_truth(args.ground_truth) if args.ground_truth else None
     except (OSError, ValueError) as exc:
         parser.error(str(exc))
-    return job_config(parser, args, ocr_task(render, truths)), args, truths
+    return job_config(parser, args, ocr_task(render, truths)), args
 
 
 def main(argv: list[str] | None = None) -> int:
-    config, args, truths = parse_config(argv)
+    config, args = parse_config(argv)
     start(args)
-    summary = run(config)
-    scores = summarize(read_output(config.output, columns=SUMMARY_COLUMNS), truths)
-    return finish(config, args, summary, ("ocr_summary", "OCR summary", scores,
-                                          format_markdown(scores), summary_rows(scores)))
+    return finish(config, args, run(config))
 
 
 if __name__ == "__main__":

@@ -31,14 +31,7 @@ import pyarrow.parquet as pq
 
 from jobs.common import add_job_arguments, finish, job_config, start
 from pipeline import JobConfig, run
-from pipeline.resume import read_output
-from pipeline.rsvqa import (
-    format_markdown,
-    read_questions,
-    rsvqa_task,
-    summarize,
-    summary_rows,
-)
+from pipeline.rsvqa import read_questions, rsvqa_task
 from pipeline.storage import open_fs, to_uri
 
 DEFAULT_INPUT = str(REPO / "samples" / "rsvqa")
@@ -92,11 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     start(args)
     asked = job_config(build_parser(), args, config.task,
                        input=write_questions(questions, config.output))
-    summary = run(asked)
-    scores = summarize(read_output(config.output, columns=["question_type", "correct", "error"]),
-                       args.count_bins)
-    return finish(config, args, summary, ("rsvqa_scores", "RSVQA scores", scores,
-                                          format_markdown(scores), summary_rows(scores)))
+    return finish(config, args, run(asked))
 
 
 if __name__ == "__main__":

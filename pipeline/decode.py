@@ -35,7 +35,7 @@ import pyarrow as pa
 from PIL import ExifTags, Image, ImageOps, ImageSequence, UnidentifiedImageError
 from ray.data.extensions import ArrowTensorArray
 
-from flexattn.options import PAD_COLOUR
+from flexattn.options import DEFAULT_HIGHRES_SIZE, PAD_COLOUR
 from flexattn.padding import square_resize
 from pipeline.columns import IMAGE, format_error, require_columns
 from pipeline.storage import read_bytes
@@ -53,7 +53,7 @@ Expand = Callable[[bytes, str, "DecodeConfig"], Iterable[tuple[int, Image.Image 
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    image_size: int = 1008  # the model's config.highres_size
+    image_size: int = DEFAULT_HIGHRES_SIZE  # the model's config.highres_size
     max_pixels: int = DEFAULT_MAX_PIXELS
     pad_color: tuple[int, int, int] = PAD_COLOUR
     expand: Expand | None = None  # one input -> several rows (adds a `page` column)

@@ -33,7 +33,7 @@ from PIL import Image
 from pipeline.decode import DecodeConfig, check_pixels, open_image
 from pipeline.inputs import read_table_file
 from pipeline.predict import PREDICT_EXTRA_FIELDS
-from pipeline.tasks import Task
+from pipeline.tasks import Report, Task
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,9 @@ SCORE_FIELDS = (
     pa.field("word_edits", pa.int64()),
     pa.field("ref_words", pa.int64()),
 )
+# What the OCR report reads back from a finished output.
+SUMMARY_COLUMNS = ("id", "page", "error", "error_stage", "generated_tokens", "cer", "wer",
+                   "char_edits", "ref_chars", "word_edits", "ref_words")
 OCR_FIELDS = (pa.field("page", pa.int32()), *SCORE_FIELDS, *PREDICT_EXTRA_FIELDS)
 
 
@@ -230,6 +233,9 @@ def ocr_task(render: RenderConfig | None = None,
         finalize=functools.partial(score_pages, truths=truths or {}),
         key_columns=("id", "page"),
         extensions=DOCUMENT_EXTENSIONS,
+        report=Report(name="ocr_summary", title="OCR summary", columns=SUMMARY_COLUMNS,
+                      summarize=functools.partial(summarize, truths=truths),
+                      rows=summary_rows, markdown=format_markdown),
     )
 
 

@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from flexattn.options import DEFAULT_HIGHRES_SIZE, checkpoint_highres_size
 from pipeline.columns import QUESTION
 from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeConfig, decode_batch
 from pipeline.predict import DEMO_MODEL, KEEP_FREED_MEMORY_ENV, PredictConfig, Predictor
@@ -48,6 +49,7 @@ FLAGS = {
     "gpus_per_replica": "--gpus-per-actor", "cpus_per_replica": "--cpus-per-actor",
     "memory_per_replica_gb": "--memory-per-actor-gb",
     "decode_rows_per_task": "--decode-rows-per-task", "prompt": "--prompt",
+    "image_size": "--image-size",
 }
 
 
@@ -70,7 +72,7 @@ class ProcessorConfig:
     overrides: Mapping[str, object] = field(default_factory=dict)  # model config fields
     prompt: str | None = None  # for rows without one (default: the task's)
     task: Task = CAPTION
-    image_size: int = 1008  # the model's highres_size
+    image_size: int = DEFAULT_HIGHRES_SIZE  # the model's highres_size
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images become error rows
     decode_rows_per_task: int = 8
     # Decode inside the model actors (Ray Data fuses the stages): for CPU-only clusters whose
@@ -95,6 +97,11 @@ class ProcessorConfig:
         if self.prompt is not None and not self.prompt.strip():
             raise _invalid("prompt", "a question, not blank", self.prompt)
         self.decode_config(), self.predict_config()  # --mode, --max-pixels, ...
+        expected = (DEFAULT_HIGHRES_SIZE if self.model == DEMO_MODEL
+                    else checkpoint_highres_size(self.model))
+        if expected is not None and self.image_size != expected:
+            raise _invalid("image_size", f"the model's highres_size, {expected}",
+                           self.image_size)
 
     @property
     def pool_size(self) -> tuple[int, int]:

@@ -38,7 +38,7 @@ import pyarrow as pa
 from pipeline.inputs import read_manifest
 from pipeline.predict import PREDICT_EXTRA_FIELDS
 from pipeline.storage import open_fs, to_uri
-from pipeline.tasks import Task
+from pipeline.tasks import Report, Task
 
 logger = logging.getLogger(__name__)
 
@@ -322,6 +322,10 @@ def rsvqa_task(count_bins: bool = False) -> Task:
         default_prompt=ANSWER_SUFFIX,  # every row has its own question
         extra_fields=RSVQA_FIELDS,
         finalize=functools.partial(score_answers, count_bins=count_bins),
+        report=Report(name="rsvqa_scores", title="RSVQA scores",
+                      columns=("question_type", "correct", "error"),
+                      summarize=functools.partial(summarize, count_bins=count_bins),
+                      rows=summary_rows, markdown=format_markdown),
     )
 
 

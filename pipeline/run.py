@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 import pyarrow as pa
 import ray
 
+from flexattn.options import DEFAULT_HIGHRES_SIZE
 from pipeline.columns import output_schema
 from pipeline.decode import DEFAULT_MAX_PIXELS
 from pipeline.inputs import InputConfig, iter_inputs
@@ -74,7 +75,7 @@ class JobConfig:
     limit: int | None = None
     overwrite: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
-    image_size: int = 1008  # the model's highres_size
+    image_size: int = DEFAULT_HIGHRES_SIZE  # the model's highres_size
     decode_rows_per_task: int = 8
     # Decode inside the model actors (Ray Data fuses the stages) instead of in CPU tasks: for
     # CPU-only clusters whose actors already keep every core busy, where it saves moving each

@@ -8,6 +8,8 @@
 - `finalize`: a CPU function over each predicted batch that fills the task columns (scoring).
 - `key_columns`: what makes an output row unique; resume skips inputs whose keys are written.
 - `extensions`: file name endings listed from folders and globs (None: the image extensions).
+- `report`: the task's summary of a finished output (RSVQA: accuracy per question type; OCR:
+  CER/WER), which the jobs write beside the Parquet and print.
 """
 
 from __future__ import annotations
@@ -22,6 +24,21 @@ from pipeline.predict import PREDICT_EXTRA_FIELDS
 
 
 @dataclass(frozen=True)
+class Report:
+    """A task's summary of a finished output, written as `OUTPUT/_<name>.json` and `.md`.
+
+    `summarize` turns the written `columns` into a JSON-able dict of scores; `rows` gives the
+    (metric, value) lines printed at the end of a job; `markdown` the `.md` document."""
+
+    name: str
+    title: str
+    columns: tuple[str, ...]
+    summarize: Callable[[pa.Table], dict]
+    rows: Callable[[dict], list[tuple[str, str]]]
+    markdown: Callable[[dict], str]
+
+
+@dataclass(frozen=True)
 class Task:
     name: str
     default_prompt: str
@@ -30,6 +47,7 @@ class Task:
     finalize: Callable[[pa.Table], pa.Table] | None = None
     key_columns: tuple[str, ...] = ("id",)
     extensions: tuple[str, ...] | None = None
+    report: Report | None = None
 
     def __post_init__(self) -> None:
         if not self.name:

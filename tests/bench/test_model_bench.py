@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-import model_bench  # noqa: E402
+import model_bench
 
 TINY = model_bench.PRESETS["cpu-tiny"]
 

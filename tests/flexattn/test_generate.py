@@ -80,7 +80,7 @@ def test_sampling_is_seeded_and_tiny_top_p_is_greedy(golden_model):
 
 def test_modes(golden_model, golden_model_nohr):
     image, _ = golden_case(CASES[2])
-    kw = dict(max_new_tokens=6, return_logits=True)
+    kw = {"max_new_tokens": 6, "return_logits": True}
     flex = golden_model.generate([image], [PROMPT], **kw)[0]
     nohr = golden_model_nohr.generate([image], [PROMPT], **kw)[0]
     low = golden_model.generate([image], [PROMPT], mode="lowres", **kw)[0]
@@ -120,19 +120,19 @@ def test_pre_padded_image_with_original_size_gives_same_answer(golden_model):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(images=[None], prompts=[PROMPT]), "no image was given"),
-    (dict(images=["x"], prompts=[PROMPT]), "must be a PIL image"),
-    (dict(prompts=["USER: no placeholder"]), "no <image> placeholder"),
-    (dict(prompts=["<image> and <image>"]), "one <image>"),
-    (dict(prompts=[PROMPT, PROMPT]), "2 prompts"),
-    (dict(max_new_tokens=0), "max_new_tokens"),
-    (dict(mode="hires"), "mode must be one of"),
-    (dict(top_p=0.0), "top_p"),
-    (dict(do_sample=True, temperature=0.0), "temperature"),
+    ({"images": [None], "prompts": [PROMPT]}, "no image was given"),
+    ({"images": ["x"], "prompts": [PROMPT]}, "must be a PIL image"),
+    ({"prompts": ["USER: no placeholder"]}, "no <image> placeholder"),
+    ({"prompts": ["<image> and <image>"]}, "one <image>"),
+    ({"prompts": [PROMPT, PROMPT]}, "2 prompts"),
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"mode": "hires"}, "mode must be one of"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"do_sample": True, "temperature": 0.0}, "temperature"),
 ])
 def test_bad_generate_arguments(golden_model, kwargs, message):
     image, _ = golden_case(CASES[0])
-    args = dict(images=[image], prompts=[PROMPT], max_new_tokens=2)
+    args = {"images": [image], "prompts": [PROMPT], "max_new_tokens": 2}
     args.update(kwargs)
     with pytest.raises((ValueError, TypeError), match=message):
         golden_model.generate(**args)
@@ -144,7 +144,7 @@ def test_lazy_tiles_and_kv_reuse_do_not_change_outputs():
     from .conftest import GOLDEN_MODEL
 
     images, prompts = mixed_inputs()
-    kw = dict(max_new_tokens=8, return_logits=True, return_trace=True)
+    kw = {"max_new_tokens": 8, "return_logits": True, "return_trace": True}
     variants = {}
     for lazy in (True, False):
         for reuse in (True, False):

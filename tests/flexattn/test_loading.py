@@ -91,12 +91,12 @@ def edit_config(dst, **changes):
 
 
 @pytest.mark.parametrize("change, error, message", [
-    (dict(hidden_size=128, num_attention_heads=8), CheckpointError, "mismatched shapes"),
-    (dict(num_hidden_layers=13), CheckpointError, "missing"),
-    (dict(vocab_size=200), CheckpointError, "tokenizer has 320 pieces"),
-    (dict(model_type="bert"), CheckpointError, "model_type 'bert'"),
-    (dict(mm_projector_type="linear"), ValueError, "mm_projector_type"),
-    (dict(mm_hidden_size=48), CheckpointError, "mm_hidden_size"),
+    ({"hidden_size": 128, "num_attention_heads": 8}, CheckpointError, "mismatched shapes"),
+    ({"num_hidden_layers": 13}, CheckpointError, "missing"),
+    ({"vocab_size": 200}, CheckpointError, "tokenizer has 320 pieces"),
+    ({"model_type": "bert"}, CheckpointError, "model_type 'bert'"),
+    ({"mm_projector_type": "linear"}, ValueError, "mm_projector_type"),
+    ({"mm_hidden_size": 48}, CheckpointError, "mm_hidden_size"),
 ])
 def test_bad_checkpoints_give_clear_errors(tmp_path, change, error, message):
     dst = copy_model(tmp_path)
@@ -122,15 +122,15 @@ def test_missing_files(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(mode="hd"), "mode must be one of"),
-    (dict(threshold=300), "threshold"),
-    (dict(select_layer=12), "select_layer: fixed by the checkpoint"),
-    (dict(num_hidden_layers=4), "num_hidden_layers: fixed by the checkpoint"),
-    (dict(highres_size=672, hidden_size=8), "hidden_size, highres_size: fixed"),
-    (dict(thresold=10), "unknown config field"),
-    (dict(dtype="int8"), "dtype must be one of"),
-    (dict(vision_batch=-1), "vision_batch must be an integer >= 0"),
-    (dict(vision_batch=2.5), "vision_batch must be an integer >= 0"),
+    ({"mode": "hd"}, "mode must be one of"),
+    ({"threshold": 300}, "threshold"),
+    ({"select_layer": 12}, "select_layer: fixed by the checkpoint"),
+    ({"num_hidden_layers": 4}, "num_hidden_layers: fixed by the checkpoint"),
+    ({"highres_size": 672, "hidden_size": 8}, "hidden_size, highres_size: fixed"),
+    ({"thresold": 10}, "unknown config field"),
+    ({"dtype": "int8"}, "dtype must be one of"),
+    ({"vision_batch": -1}, "vision_batch must be an integer >= 0"),
+    ({"vision_batch": 2.5}, "vision_batch must be an integer >= 0"),
 ])
 def test_bad_load_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):

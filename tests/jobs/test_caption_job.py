@@ -98,6 +98,7 @@ def test_flags_map_to_config_fields():
     (["--limit", "0"], "--limit"),
     (["--max-new-tokens", "-1"], "--max-new-tokens"),
     (["--batch-size", "x"], "--batch-size"),
+    (["--image-size", "672"], "--image-size"),  # the demo model's highres_size is 1008
 ])
 def test_bad_flags_exit_2_naming_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -114,6 +115,17 @@ def test_new_flags_exit_2_naming_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit) as exc:
         parse_config(argv)
     assert exc.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_image_size_must_match_the_checkpoint_highres_size(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "llava_llama", "extra": {"highres_size": "672", "lowres_size": "224"}}))
+    with pytest.raises(SystemExit) as exc:
+        parse_config(["--model", str(tmp_path)])  # --image-size defaults to 1008
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--image-size" in err and "672" in err
+    config, _ = parse_config(["--model", str(tmp_path), "--image-size", "672"])
+    assert config.decode_config().image_size == 672
 
 
 def test_a_run_whose_rows_all_fail_exits_1_after_writing_them(ray_local, demo_model, tmp_path,

@@ -103,9 +103,10 @@ def test_ocr_job_pages_errors_scores_resume_and_overlays(ray_local, demo_model, 
 
 
 def test_ocr_flags(tmp_path):
-    config, _, truths = parse_config(["--dpi", "200", "--max-long-edge", "1600"])
+    config, _ = parse_config(["--dpi", "200", "--max-long-edge", "1600"])
     assert config.task.name == "ocr" and config.max_new_tokens == 512
-    assert config.decode_rows_per_task == 1 and truths is None
+    assert config.decode_rows_per_task == 1
+    assert config.task.report.summarize.keywords["truths"] is None
     assert config.task.expand.keywords["render"].dpi == 200
 
 
