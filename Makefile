@@ -1,4 +1,5 @@
-# `make test` and `make demo` are the two commands the README promises.
+# `make test` and `make demo` are the two commands the README promises. The demo: the trained
+# SynthHR mini through the RSVQA job (flexattn against lowres), then the caption job.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -20,6 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
+	$(PY) jobs/synthhr_demo.py
 	$(PY) jobs/caption_remote_sensing.py
 
 clean:

@@ -11,7 +11,6 @@ two ways and the number of requests each makes are what carry over (see bench/RE
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import signal
@@ -48,20 +47,22 @@ def upload(client, bucket: str, keys: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from model_bench import positive_int, provenance, source_commit, write_json
+    from model_bench import (
+        batch_list,
+        bench_parser,
+        positive_int,
+        provenance,
+        source_commit,
+        write_json,
+    )
 
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--objects", default="2000,10000",
+    p = bench_parser(__doc__)
+    p.add_argument("--objects", type=batch_list, default="2000,10000",
                    help="comma-separated object counts, listed after each upload")
     p.add_argument("--prefixes", type=positive_int, default=100)
     p.add_argument("--repeats", type=positive_int, default=2)
-    p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    try:
-        counts = sorted(int(n) for n in args.objects.split(","))
-    except ValueError:
-        p.error(f"--objects must be comma-separated integers, got {args.objects!r}")
+    counts = sorted(args.objects)
     commit = source_commit()
 
     import boto3

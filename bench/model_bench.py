@@ -1,7 +1,14 @@
-"""Model benchmark: the three modes on the same random weights and the same images, in one run.
+"""Model benchmark: the three modes on the same weights and the same images, in one run.
 
-    python bench/model_bench.py --preset cpu-mini
+    python bench/model_bench.py --preset mini            # the trained SynthHR mini
+    python bench/model_bench.py --preset cpu-mini        # 7B proportions, trained selections
     python bench/model_bench.py --preset gpu-7b          # on a CUDA machine
+
+Presets: ``mini`` runs the committed ``models/synthhr-mini`` on SynthHR scenes, asked their
+pattern questions. ``cpu-mini`` and ``gpu-7b`` are random weights at 7B-proportioned shapes; on
+SynthHR scenes, ``cpu-mini``'s FlexAttention layers replay the trained mini's own selection for
+the same image and step (``generate(selections=...)``, the same path as a computed selection:
+blocks projected when first selected, tiles encoded when first needed).
 
 Modes: ``lowres`` (plain LLaVA-1.5 at 336), ``flexattn`` (1008, hierarchical attention),
 ``fullres`` (1008, all 5184 high-res tokens in the sequence). FlexAttention also runs with its
@@ -46,7 +53,13 @@ from flexattn.config import FlexAttnConfig
 from flexattn.flops import image_cost
 from flexattn.random_model import random_model
 
+TRAINED = ROOT / "models" / "synthhr-mini"  # the SynthHR mini (python -m flexattn.train)
+SCENE_SEED = 2027  # SynthHR scenes the trained presets run on (training used seeds 0 and 1)
 PRESETS = {
+    # the trained SynthHR mini on SynthHR scenes, asked its pattern questions; EOS is ignored so
+    # that every image generates the tokens asked for
+    "mini": {"checkpoint": TRAINED, "device": "cpu", "dtype": "float32", "batches": [1, 4, 8],
+             "fullres_batches": [1, 4, 8], "repeats": 3},
     # LLM width 1024 x 12 layers with selection from layer 8 (3 FlexAttention layers); a CLIP
     # tower whose cost per 336 crop is ~4% of the LLM prefill, as CLIP-L is for the 7B model;
     # the real 24x24 / 72x72 grids.
@@ -55,7 +68,10 @@ PRESETS = {
                  "num_attention_heads": 16, "num_key_value_heads": 16, "mm_hidden_size": 256},
         "clip": {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 6,
                   "num_attention_heads": 4},
-        "device": "cpu", "dtype": "float32", "batches": [1, 4, 8], "fullres_batches": [1], "repeats": 2},
+        "device": "cpu", "dtype": "float32", "batches": [1, 4, 8], "fullres_batches": [1], "repeats": 2,
+        # every FlexAttention layer reads the trained mini's own selection on the same SynthHR
+        # image at the same step (its random attention would select all over the image)
+        "selections_from": TRAINED},
     # a few seconds a run, for the harness's own test (tests/bench): its times mean nothing
     "cpu-tiny": {
         "llm": {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 10,
@@ -103,20 +119,73 @@ def make_images(n: int, seed: int = 0) -> list[Image.Image]:
     return out
 
 
-def positive_int(text: str) -> int:
-    """argparse ``type`` of the benches' counts: an integer >= 1 (argparse names the flag)."""
+def synthhr_inputs(n: int, seed: int = SCENE_SEED) -> tuple[list[Image.Image], list[str]]:
+    """``n`` SynthHR scenes and, per scene, its pattern question as the trained mini asks it."""
+    from flexattn import synthhr
+    from flexattn.train import question_prompt
+
+    images, prompts = [], []
+    for i in range(n):
+        scene = synthhr.draw_scene(seed, i)
+        images.append(Image.fromarray(scene.image))
+        prompts.append(question_prompt(synthhr.scene_questions(scene, str(i))[0].question))
+    return images, prompts
+
+
+def load_trained(path: Path, device: str = "cpu", dtype: str = "float32"):
+    """The trained checkpoint at ``path`` with EOS ignored (every image runs the tokens asked)."""
+    from flexattn import load_model
+
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"{path}: no trained checkpoint (python -m flexattn.train, README)")
+    model = load_model(path, device=device, dtype=dtype)
+    model.module.config = model.config.replace(eos_token_id=-1)
+    return model
+
+
+def trained_selections(path: Path, images: list[Image.Image], prompts: list[str],
+                       new_tokens: int) -> torch.Tensor:
+    """[N, new_tokens, P*P] bool: the selection the trained model at ``path`` makes at layer s
+    for the next layer, per image and step of its own generation (EOS ignored)."""
+    model = load_trained(path)
+    out = []
+    for image, prompt in zip(images, prompts):
+        g = model.generate([image], [prompt], max_new_tokens=new_tokens, return_trace=True)[0]
+        out.append(g.trace["block_masks"][:, 0])  # [steps, P*P]: the selecting layer s
+    return torch.stack(out)
+
+
+def int_at_least(text: str, minimum: int) -> int:
+    """``text`` as an integer >= ``minimum``, else argparse's error (argparse names the flag)."""
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+        value = minimum - 1
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
     return value
 
 
+def positive_int(text: str) -> int:
+    """argparse ``type`` of the benches' counts: an integer >= 1."""
+    return int_at_least(text, 1)
+
+
 def batch_list(text: str) -> list[int]:
-    """argparse ``type`` of ``--batches``: comma-separated integers >= 1."""
+    """argparse ``type`` of ``--batches`` and other sizes: comma-separated integers >= 1."""
     return [positive_int(part.strip()) for part in text.split(",")]
+
+
+def counts_list(text: str) -> list[int]:
+    """argparse ``type``: comma-separated integers >= 0."""
+    return [int_at_least(part.strip(), 0) for part in text.split(",")]
+
+
+def bench_parser(doc: str) -> argparse.ArgumentParser:
+    """A bench's parser: ``doc`` as description, and ``--out``, the JSON file for the results."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", type=Path, help="JSON file for the results")
+    return p
 
 
 def provenance(commit: str, argv: list[str] | None = None, script: str = "") -> dict:
@@ -174,20 +243,29 @@ def use_variant(model, variant: str, base) -> str:
 
 
 def run_batch(model, variants: list[str], images, batch: int, new_tokens: int,
-              repeats: int) -> list[dict]:
+              repeats: int, prompts: list[str] | None = None,
+              selections: torch.Tensor | None = None) -> list[dict]:
     """One row per variant at ``batch``: median of ``repeats`` timed generations. The repeats
     take the variants in turn (lowres, flexattn, ..., lowres, flexattn, ...), so that drift in
     the machine's speed during the run falls on all variants alike rather than on whichever
-    ran last."""
+    ran last. ``prompts``: one per image (default: QUESTION for all); ``selections``: replayed
+    by the flexattn variants instead of the model's own ([N, steps, P*P], see
+    ``trained_selections``)."""
     base = model.config
     dev = model.device
-    prompts = [llava_v1_prompt(QUESTION)] * batch
+    prompts = (prompts or [llava_v1_prompt(QUESTION)] * len(images))[:batch]
     imgs = images[:batch]
+    replay = {} if selections is None else {"selections": selections[:batch]}
+
+    def generate(mode: str, n: int, tokens: int):
+        extra = replay if mode == "flexattn" and n == batch else {}
+        return model.generate(imgs[:n], prompts[:n], max_new_tokens=tokens, mode=mode, **extra)
+
     walls: dict[str, list[float]] = {v: [] for v in variants}
     outs: dict[str, list] = {}
     peak: dict[str, int] = dict.fromkeys(variants, 0)
     for v in variants:  # warm-up
-        model.generate(imgs[:1], prompts[:1], max_new_tokens=2, mode=use_variant(model, v, base))
+        generate(use_variant(model, v, base), 1, 2)
     failed: dict[str, str] = {}  # variant -> out-of-memory message; its later repeats skipped
     for _ in range(repeats):
         for v in variants:
@@ -199,7 +277,7 @@ def run_batch(model, variants: list[str], images, batch: int, new_tokens: int,
             sync(dev)
             t0 = time.perf_counter()
             try:
-                outs[v] = model.generate(imgs, prompts, max_new_tokens=new_tokens, mode=mode)
+                outs[v] = generate(mode, batch, new_tokens)
                 sync(dev)
             except torch.OutOfMemoryError as exc:
                 # one point too big for the device (fullres at a large batch, say) must not
@@ -350,7 +428,7 @@ def markdown(rows: list[dict], rat: dict[str, float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = bench_parser(__doc__)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-mini")
     p.add_argument("--new-tokens", type=positive_int, default=16)
     p.add_argument("--batches", type=batch_list,
@@ -359,7 +437,6 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"comma-separated subset of {list(VARIANTS)}")
     p.add_argument("--repeats", type=positive_int, help="timed runs per point (median is reported)")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
-    p.add_argument("--out", type=Path, help="JSON file for the results")
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
     commit = source_commit()  # read before the run: the figures belong to this tree
@@ -373,11 +450,21 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     batches = args.batches or preset["batches"]
     t0 = time.perf_counter()
-    model = build_model(preset)
+    model = load_trained(preset["checkpoint"]) if "checkpoint" in preset else build_model(preset)
     print(f"built {model.model_id} in {time.perf_counter() - t0:.1f}s", flush=True)
     gflops = projection_gflops(model)
     print(f"k_proj_hd on 10 blocks: {gflops:.1f} GFLOP/s", flush=True)
-    images = make_images(max(batches))
+    prompts, selections = None, None
+    if "checkpoint" in preset or "selections_from" in preset:
+        images, prompts = synthhr_inputs(max(batches))
+        if "selections_from" in preset:
+            selections = trained_selections(preset["selections_from"], images, prompts,
+                                            args.new_tokens)
+            prompts = None  # the random model is asked QUESTION; the selection is the mini's
+            print(f"trained selections: mean fraction {selections.float().mean():.3f}",
+                  flush=True)
+    else:
+        images = make_images(max(batches))
     device = (torch.cuda.get_device_name() if preset["device"] == "cuda"
               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     meta = {"preset": args.preset, **provenance(commit, argv, "bench/model_bench.py"),
@@ -388,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         todo = [v for v in variants
                 if VARIANTS[v][0] != "fullres" or b in preset["fullres_batches"]]
         for r in run_batch(model, todo, images, b, args.new_tokens,
-                           args.repeats or preset["repeats"]):
+                           args.repeats or preset["repeats"], prompts, selections):
             rows.append(r)
             if "error" in r:
                 print(f"{r['variant']:22s} b={b:<3d} {r['error']}", flush=True)

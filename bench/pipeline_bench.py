@@ -17,7 +17,6 @@ machine.
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import os
 import sys
@@ -170,9 +169,10 @@ def pipeline_run(folder: Path, out: Path, model_path: str, batch: int, actors: i
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", default="192",
+    from model_bench import batch_list, bench_parser
+
+    p = bench_parser(__doc__)
+    p.add_argument("--images", type=batch_list, default="192",
                    help="comma-separated job sizes, each run end to end (e.g. 192,384,768)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--actors", type=int, default=2)
@@ -184,14 +184,8 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"comma-separated pipeline layouts to run, of {', '.join(LAYOUTS)}"
                         " (default: all)")
     p.add_argument("--model", help="checkpoint directory (default: the tiny demo model)")
-    p.add_argument("--out", type=Path, help="JSON file for the results")
     args = p.parse_args(argv)
-    try:
-        sizes = [int(n) for n in args.images.split(",")]
-    except ValueError:
-        p.error(f"--images must be comma-separated integers, got {args.images!r}")
-    if min(sizes) < 1:
-        p.error("--images must be >= 1")
+    sizes = args.images
     layouts = args.layouts.split(",")
     if not layouts or any(name not in LAYOUTS for name in layouts):
         p.error(f"--layouts must be a comma-separated list of {', '.join(LAYOUTS)},"

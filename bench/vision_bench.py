@@ -12,7 +12,6 @@ take the settings in turn.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 def main(argv: list[str] | None = None) -> int:
     from model_bench import (
         PRESETS,
+        bench_parser,
         build_model,
+        counts_list,
         positive_int,
         provenance,
         source_commit,
@@ -35,22 +36,15 @@ def main(argv: list[str] | None = None) -> int:
         write_json,
     )
 
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-mini")
     p.add_argument("--crops", type=positive_int, default=72)
-    p.add_argument("--chunks", default="0,72,36,16,8,4,1",
+    p.add_argument("--chunks", type=counts_list, default="0,72,36,16,8,4,1",
                    help="crops per forward to time, comma-separated; 0: the automatic choice")
     p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (0: torch's)")
-    p.add_argument("--out", type=Path, help="JSON file for the results")
     args = p.parse_args(argv)
-    try:
-        chunks = [int(c) for c in args.chunks.split(",")]
-    except ValueError:
-        p.error(f"--chunks must be comma-separated integers, got {args.chunks!r}")
-    if any(c < 0 for c in chunks):
-        p.error(f"--chunks must be >= 0, got {args.chunks!r}")
+    chunks = args.chunks
     preset = PRESETS[args.preset]
     if preset["device"] == "cuda" and not torch.cuda.is_available():
         p.error(f"--preset {args.preset} needs a CUDA device")

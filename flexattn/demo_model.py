@@ -51,6 +51,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -134,24 +135,45 @@ def _normal(
     return t.mul_(std).add_(mean)
 
 
-def _original_llm_tensors(
-    seed: int,
-    *,
-    llm_layers: int,
-    hidden: int,
-    heads: int,
-    kv_heads: int,
-    intermediate: int,
-    vocab_size: int,
-    clip_hidden: int,
-) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class TinyShape:
+    """The shape of a tiny random checkpoint: its Llama side and its CLIP tower."""
+
+    llm_layers: int = 12
+    hidden: int = 64
+    heads: int = 4
+    kv_heads: int = 4
+    intermediate: int = 172
+    vocab_size: int = 320
+    clip_hidden: int = 32
+    clip_layers: int = 2
+    clip_heads: int = 4
+    clip_intermediate: int = 128
+
+    def __post_init__(self) -> None:
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
+        if self.heads % self.kv_heads:
+            raise ValueError(
+                f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+
+    def llm(self) -> dict[str, int]:
+        """The fields ``original_layout.llava_config`` takes."""
+        return {k: getattr(self, k) for k in ("llm_layers", "hidden", "heads", "kv_heads",
+                                               "intermediate", "vocab_size", "clip_hidden")}
+
+    def clip(self) -> dict[str, int]:
+        """The fields ``original_layout.clip_config`` takes."""
+        return {k: getattr(self, k) for k in ("clip_hidden", "clip_layers", "clip_heads",
+                                               "clip_intermediate")}
+
+
+def _original_llm_tensors(seed: int, shape: TinyShape) -> dict[str, torch.Tensor]:
     """The original-layout language model + projector, float32, keyed as on disk."""
-    if hidden % heads:
-        raise ValueError(f"hidden ({hidden}) must be a multiple of heads ({heads})")
-    if heads % kv_heads:
-        raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
+    llm_layers, hidden, heads = shape.llm_layers, shape.hidden, shape.heads
+    intermediate, vocab_size, clip_hidden = shape.intermediate, shape.vocab_size, shape.clip_hidden
     head_dim = hidden // heads
-    kv_dim = kv_heads * head_dim
+    kv_dim = shape.kv_heads * head_dim
     w = 1.0 / math.sqrt(hidden)
     t: dict[str, torch.Tensor] = {}
 
@@ -183,10 +205,8 @@ def _original_llm_tensors(
 
 def _clip_tensors(
     seed: int,
+    shape: TinyShape,
     *,
-    clip_hidden: int,
-    clip_layers: int,
-    clip_intermediate: int,
     image_size: int = IMAGE_SIZE,
     patch_size: int = PATCH_SIZE,
     num_channels: int = 3,
@@ -194,7 +214,7 @@ def _clip_tensors(
     """CLIP vision tower weights, float32, keyed as ``CLIPVisionModel`` (transformers 5) names
     its parameters (no ``vision_model.`` prefix)."""
     num_positions = (image_size // patch_size) ** 2 + 1
-    h, m = clip_hidden, clip_intermediate
+    h, m = shape.clip_hidden, shape.clip_intermediate
     t: dict[str, torch.Tensor] = {}
 
     def add(name: str, shape: tuple[int, ...], std: float, mean: float = 0.0) -> None:
@@ -218,7 +238,7 @@ def _clip_tensors(
     )
     add("embeddings.position_embedding.weight", (num_positions, h), 0.2)
     layer_norm("pre_layrnorm")
-    for i in range(clip_layers):
+    for i in range(shape.clip_layers):
         p = f"encoder.layers.{i}."
         layer_norm(p + "layer_norm1")
         layer_norm(p + "layer_norm2")
@@ -311,28 +331,12 @@ def train_tiny_tokenizer(out_dir: Path, vocab_size: int = 320,
 # --------------------------------------------------------------------------------------------
 
 
-def _write_clip_tower(
-    out_dir: Path,
-    *,
-    seed: int,
-    clip_hidden: int,
-    clip_layers: int,
-    clip_heads: int,
-    clip_intermediate: int,
-    dtype: torch.dtype,
-) -> None:
+def _write_clip_tower(out_dir: Path, *, seed: int, shape: TinyShape, dtype: torch.dtype) -> None:
     """Write a ``CLIPVisionModel`` directory like the golden tower."""
     from transformers import CLIPVisionModel
 
-    config = clip_config(
-        clip_hidden=clip_hidden,
-        clip_layers=clip_layers,
-        clip_heads=clip_heads,
-        clip_intermediate=clip_intermediate,
-    )
-    tensors = _clip_tensors(
-        seed, clip_hidden=clip_hidden, clip_layers=clip_layers, clip_intermediate=clip_intermediate
-    )
+    config = clip_config(**shape.clip())
+    tensors = _clip_tensors(seed, shape)
     model = _build_module(lambda: CLIPVisionModel(config))
     _load_exact(model, tensors)
     model.to(dtype)
@@ -351,20 +355,7 @@ def _write_clip_tower(
 
 
 def build_tiny_original(
-    out_root: Path,
-    *,
-    seed: int = 0,
-    llm_layers: int = 12,
-    hidden: int = 64,
-    heads: int = 4,
-    kv_heads: int = 4,
-    intermediate: int = 172,
-    vocab_size: int = 320,
-    clip_hidden: int = 32,
-    clip_layers: int = 2,
-    clip_heads: int = 4,
-    clip_intermediate: int = 128,
-    dtype: torch.dtype = torch.float16,
+    out_root: Path, *, seed: int = 0, dtype: torch.dtype = torch.float16, **shape: int
 ) -> Path:
     """Build a tiny random LLaVA-FlexAttn checkpoint in the original layout.
 
@@ -376,59 +367,25 @@ def build_tiny_original(
     Args:
         out_root: parent directory of the two checkpoint directories (created if missing).
         seed: weight seed.
-        llm_layers, hidden, heads, kv_heads, intermediate, vocab_size: Llama shape.
-        clip_hidden, clip_layers, clip_heads, clip_intermediate: CLIP vision tower shape.
         dtype: storage dtype of both weight files.
+        shape: ``TinyShape`` fields (Llama and CLIP sizes) that differ from its defaults.
 
     Returns:
         The LLaVA model directory.
     """
     out_root = Path(out_root)
+    size = TinyShape(**shape)
     clip_dir = out_root / CLIP_DIR_NAME
     llava_dir = out_root / LLAVA_DIR_NAME
-    _write_clip_tower(
-        clip_dir,
-        seed=seed,
-        clip_hidden=clip_hidden,
-        clip_layers=clip_layers,
-        clip_heads=clip_heads,
-        clip_intermediate=clip_intermediate,
-        dtype=dtype,
-    )
-
+    _write_clip_tower(clip_dir, seed=seed, shape=size, dtype=dtype)
     llava_dir.mkdir(parents=True, exist_ok=True)
-    train_tiny_tokenizer(llava_dir, vocab_size=vocab_size)
-    tensors = _original_llm_tensors(
-        seed,
-        llm_layers=llm_layers,
-        hidden=hidden,
-        heads=heads,
-        kv_heads=kv_heads,
-        intermediate=intermediate,
-        vocab_size=vocab_size,
-        clip_hidden=clip_hidden,
-    )
+    train_tiny_tokenizer(llava_dir, vocab_size=size.vocab_size)
+    tensors = _original_llm_tensors(seed, size)
     save_safetensors({k: v.to(dtype) for k, v in tensors.items()}, llava_dir / "model.safetensors")
-    write_json(
-        llava_dir / "config.json",
-        llava_config(
-            llm_layers=llm_layers,
-            hidden=hidden,
-            heads=heads,
-            kv_heads=kv_heads,
-            intermediate=intermediate,
-            vocab_size=vocab_size,
-            clip_hidden=clip_hidden,
-            dtype=dtype,
-        ),
-    )
+    write_json(llava_dir / "config.json", llava_config(**size.llm(), dtype=dtype))
     write_json(llava_dir / "generation_config.json", generation_config())
-    logger.info(
-        "built tiny original-layout LLaVA-FlexAttn (seed %d, %d layers) at %s",
-        seed,
-        llm_layers,
-        llava_dir,
-    )
+    logger.info("built tiny original-layout LLaVA-FlexAttn (seed %d, %d layers) at %s", seed,
+                size.llm_layers, llava_dir)
     return llava_dir
 
 

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # a plain checkout, not pip-installed
     sys.path.insert(0, str(REPO))
 
-from jobs.common import add_job_arguments, finish, job_config, start
+from jobs.common import finish, job_config, job_parser, start
 from pipeline import CAPTION, JobConfig, run
 
 DEFAULT_INPUT = str(REPO / "samples" / "remote_sensing")
@@ -31,14 +31,12 @@ DEFAULT_OUTPUT = "outputs/caption_remote_sensing"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="caption_remote_sensing.py",
-                                description=__doc__.split("\n\n")[0])
-    add_job_arguments(
-        p, default_input=DEFAULT_INPUT, default_output=DEFAULT_OUTPUT,
+    return job_parser(
+        "caption_remote_sensing.py", __doc__, default_input=DEFAULT_INPUT,
+        default_output=DEFAULT_OUTPUT,
         input_help="folder, glob, s3:// or gs:// prefix, image file, or manifest "
                    "(.parquet/.csv/.jsonl with id, image_uri[, question, ground_truth])",
         prompt_help=f"question per image (default: {CAPTION.default_prompt!r})")
-    return p
 
 
 def parse_config(argv: list[str] | None = None) -> tuple[JobConfig, argparse.Namespace]:

@@ -25,10 +25,12 @@ def _gpus(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
 
 
-def add_job_arguments(p: argparse.ArgumentParser, *, default_input: str, default_output: str,
-                      input_help: str, prompt_help: str | None, **defaults) -> None:
-    """The shared flags; `defaults` override JobConfig's defaults (e.g. batch_size=2);
-    no `--prompt` when `prompt_help` is None (every row brings its own question)."""
+def job_parser(prog: str, doc: str, *, default_input: str, default_output: str,
+               input_help: str, prompt_help: str | None, **defaults) -> argparse.ArgumentParser:
+    """A job's parser (`doc`'s first paragraph as description) with the shared flags;
+    `defaults` override JobConfig's defaults (e.g. batch_size=2); no `--prompt` when
+    `prompt_help` is None (every row brings its own question). The job adds its own flags."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
     d = dataclasses.replace(JobConfig(input=default_input, output=default_output), **defaults)
     p.add_argument("--input", default=default_input, help=f"{input_help} (default: %(default)s)")
     p.add_argument("--output", default=default_output,
@@ -83,6 +85,7 @@ def add_job_arguments(p: argparse.ArgumentParser, *, default_input: str, default
                    help="after the run, draw the selected cells and the last selection map "
                         "of the first N answered rows as PNG under OUTPUT/_overlays/")
     p.add_argument("--log-level", default="INFO", help="driver log level (default: %(default)s)")
+    return p
 
 
 def job_config(parser: argparse.ArgumentParser, args: argparse.Namespace, task: Task,

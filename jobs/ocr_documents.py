@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # a plain checkout, not pip-installed
     sys.path.insert(0, str(REPO))
 
-from jobs.common import add_job_arguments, finish, job_config, start
+from jobs.common import finish, job_config, job_parser, start
 from pipeline import JobConfig, run
 from pipeline.ocr import (
     DEFAULT_DPI,
@@ -40,9 +40,8 @@ DEFAULT_OUTPUT = "outputs/ocr_documents"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ocr_documents.py", description=__doc__.split("\n\n")[0])
-    add_job_arguments(
-        p, default_input=DEFAULT_INPUT, default_output=DEFAULT_OUTPUT,
+    p = job_parser(
+        "ocr_documents.py", __doc__, default_input=DEFAULT_INPUT, default_output=DEFAULT_OUTPUT,
         input_help="folder, glob, s3:// or gs:// prefix, document file, or manifest "
                    "(.parquet/.csv/.jsonl with id, image_uri) of PDF/TIFF/PNG/JPEG files",
         prompt_help=f"transcription prompt (default: {OCR_PROMPT!r})",

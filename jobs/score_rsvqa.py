@@ -29,7 +29,7 @@ if str(REPO) not in sys.path:  # a plain checkout, not pip-installed
 
 import pyarrow.parquet as pq
 
-from jobs.common import add_job_arguments, finish, job_config, start
+from jobs.common import finish, job_config, job_parser, start
 from pipeline import JobConfig, run
 from pipeline.rsvqa import read_questions, rsvqa_task
 from pipeline.storage import open_fs, to_uri
@@ -40,9 +40,8 @@ QUESTIONS_NAME = "_rsvqa_questions.parquet"  # the questions as asked, beside th
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="score_rsvqa.py", description=__doc__.split("\n\n")[0])
-    add_job_arguments(
-        p, default_input=DEFAULT_INPUT, default_output=DEFAULT_OUTPUT,
+    p = job_parser(
+        "score_rsvqa.py", __doc__, default_input=DEFAULT_INPUT, default_output=DEFAULT_OUTPUT,
         input_help="RSVQA release folder (local or s3:// / gs://) or a manifest "
                    "(.parquet/.csv/.jsonl with id, image_uri, question, answer, type)",
         prompt_help=None, max_new_tokens=8,

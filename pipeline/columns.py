@@ -63,6 +63,11 @@ class MissingColumnsError(ValueError):
     """A stage got a batch without the columns it needs: a wiring bug, so the job stops."""
 
 
+def schema_fields(**types: pa.DataType) -> tuple[pa.Field, ...]:
+    """Nullable fields in the order given: ``schema_fields(cer=pa.float64(), ...)``."""
+    return tuple(pa.field(name, kind) for name, kind in types.items())
+
+
 def require_columns(stage: str, table: pa.Table, required: Iterable[str]) -> None:
     missing = [name for name in required if name not in table.column_names]
     if missing:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 from PIL import Image
 
+from pipeline.columns import schema_fields
 from pipeline.decode import DecodeConfig, check_pixels, open_image
 from pipeline.inputs import read_table_file
 from pipeline.predict import PREDICT_EXTRA_FIELDS
@@ -46,15 +47,9 @@ DEFAULT_DPI = 150.0
 DEFAULT_MAX_LONG_EDGE = 2048  # rendered pixels; the model sees 1008 px anyway
 PDF_MAGIC = b"%PDF-"
 
-SCORE_FIELDS = (
-    pa.field("ground_truth", pa.string()),
-    pa.field("cer", pa.float64()),
-    pa.field("wer", pa.float64()),
-    pa.field("char_edits", pa.int64()),
-    pa.field("ref_chars", pa.int64()),
-    pa.field("word_edits", pa.int64()),
-    pa.field("ref_words", pa.int64()),
-)
+SCORE_FIELDS = schema_fields(ground_truth=pa.string(), cer=pa.float64(), wer=pa.float64(),
+                             char_edits=pa.int64(), ref_chars=pa.int64(),
+                             word_edits=pa.int64(), ref_words=pa.int64())
 # What the OCR report reads back from a finished output.
 SUMMARY_COLUMNS = ("id", "page", "error", "error_stage", "generated_tokens", "cer", "wer",
                    "char_edits", "ref_chars", "word_edits", "ref_words")

@@ -35,6 +35,7 @@ import unicodedata
 
 import pyarrow as pa
 
+from pipeline.columns import schema_fields
 from pipeline.inputs import read_manifest
 from pipeline.predict import PREDICT_EXTRA_FIELDS
 from pipeline.storage import open_fs, to_uri
@@ -52,12 +53,9 @@ OTHER_TYPE = "other"
 
 INPUT_COLUMNS = ("id", "image_uri", "question", "ground_truth", "question_type", "image_id")
 RSVQA_FIELDS = (
-    pa.field("question_type", pa.string()),
-    pa.field("image_id", pa.string()),
-    pa.field("ground_truth", pa.string()),
-    pa.field("answer_normalized", pa.string()),
-    pa.field("truth_normalized", pa.string()),
-    pa.field("correct", pa.bool_()),
+    *schema_fields(question_type=pa.string(), image_id=pa.string(), ground_truth=pa.string(),
+                   answer_normalized=pa.string(), truth_normalized=pa.string(),
+                   correct=pa.bool_()),
     *PREDICT_EXTRA_FIELDS,
 )
 

@@ -52,6 +52,7 @@ import torch
 
 from flexattn.config import CLIP_MEAN, CLIP_STD
 from flexattn.demo_model import (
+    TinyShape,
     _build_module,
     _clip_tensors,
     _load_exact,
@@ -97,17 +98,8 @@ def build_tiny_hf(
     *,
     source: Path | None = None,
     seed: int = 0,
-    llm_layers: int = 12,
-    hidden: int = 64,
-    heads: int = 4,
-    kv_heads: int = 4,
-    intermediate: int = 172,
-    vocab_size: int = 320,
-    clip_hidden: int = 32,
-    clip_layers: int = 2,
-    clip_heads: int = 4,
-    clip_intermediate: int = 128,
     dtype: torch.dtype = torch.float16,
+    **shape: int,
 ) -> Path:
     """Build a tiny random LLaVA-1.5 checkpoint in the Hugging Face layout.
 
@@ -118,10 +110,10 @@ def build_tiny_hf(
     sentencepiece pieces plus ``<image>`` at id ``vocab_size`` (``config.image_token_id``).
 
     Without ``source``, the weights are those ``build_tiny_original`` draws for the same
-    ``seed`` and shape, so both layouts hold the same model. With ``source`` (an original-layout
-    LLaVA directory), its Llama, projector, tower and tokenizer are copied (``mm_projector.0`` ->
-    ``multi_modal_projector.linear_1``, ``.2`` -> ``linear_2``; ``k_proj_hd``/``v_proj_hd`` are
-    dropped) and the shape arguments are ignored. The ``<image>`` embedding and ``lm_head`` rows
+    ``seed`` and shape (``TinyShape`` fields in ``shape``), so both layouts hold the same model.
+    With ``source`` (an original-layout LLaVA directory), its Llama, projector, tower and
+    tokenizer are copied (``mm_projector.0`` -> ``multi_modal_projector.linear_1``, ``.2`` ->
+    ``linear_2``; ``k_proj_hd``/``v_proj_hd`` are dropped) and ``shape`` is ignored. The ``<image>`` embedding and ``lm_head`` rows
     are random from ``seed`` either way. ``dtype`` is the storage dtype.
 
     Returns:
@@ -136,62 +128,32 @@ def build_tiny_hf(
         llm = {k: v.float() for k, v in llm.items()}
         clip = {k: v.float() for k, v in clip.items()}
         tower_cfg = json.loads((tower_dir / "config.json").read_text(encoding="utf-8"))
-        llm_layers = int(config["num_hidden_layers"])
-        hidden = int(config["hidden_size"])
-        heads = int(config["num_attention_heads"])
-        kv_heads = int(config.get("num_key_value_heads", heads))
-        intermediate = int(config["intermediate_size"])
-        vocab_size = int(config["vocab_size"])
-        clip_hidden = int(tower_cfg["hidden_size"])
-        clip_layers = int(tower_cfg["num_hidden_layers"])
-        clip_heads = int(tower_cfg["num_attention_heads"])
-        clip_intermediate = int(tower_cfg["intermediate_size"])
+        size = TinyShape(
+            llm_layers=int(config["num_hidden_layers"]), hidden=int(config["hidden_size"]),
+            heads=int(config["num_attention_heads"]),
+            kv_heads=int(config.get("num_key_value_heads", config["num_attention_heads"])),
+            intermediate=int(config["intermediate_size"]), vocab_size=int(config["vocab_size"]),
+            clip_hidden=int(tower_cfg["hidden_size"]),
+            clip_layers=int(tower_cfg["num_hidden_layers"]),
+            clip_heads=int(tower_cfg["num_attention_heads"]),
+            clip_intermediate=int(tower_cfg["intermediate_size"]))
         rms_norm_eps = float(config.get("rms_norm_eps", 1e-5))
         rope_theta = float(config.get("rope_theta", 10000.0))
         max_positions = int(config.get("max_position_embeddings", 4096))
         logger.info("converting %s (tower %s) to the Hugging Face LLaVA layout", source, tower_dir)
     else:
-        llm = _original_llm_tensors(
-            seed,
-            llm_layers=llm_layers,
-            hidden=hidden,
-            heads=heads,
-            kv_heads=kv_heads,
-            intermediate=intermediate,
-            vocab_size=vocab_size,
-            clip_hidden=clip_hidden,
-        )
-        clip = _clip_tensors(
-            seed,
-            clip_hidden=clip_hidden,
-            clip_layers=clip_layers,
-            clip_intermediate=clip_intermediate,
-        )
+        size = TinyShape(**shape)
+        llm, clip = _original_llm_tensors(seed, size), _clip_tensors(seed, size)
         rms_norm_eps, rope_theta, max_positions = 1e-5, 10000.0, 4096
 
-    image_token_id = vocab_size
+    image_token_id = size.vocab_size
     text_config = LlamaConfig(
-        vocab_size=vocab_size + 1,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=llm_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        hidden_act="silu",
-        max_position_embeddings=max_positions,
-        rms_norm_eps=rms_norm_eps,
-        rope_theta=rope_theta,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    vision_config = clip_config(
-        clip_hidden=clip_hidden,
-        clip_layers=clip_layers,
-        clip_heads=clip_heads,
-        clip_intermediate=clip_intermediate,
-    )
+        vocab_size=size.vocab_size + 1, hidden_size=size.hidden,
+        intermediate_size=size.intermediate, num_hidden_layers=size.llm_layers,
+        num_attention_heads=size.heads, num_key_value_heads=size.kv_heads, hidden_act="silu",
+        max_position_embeddings=max_positions, rms_norm_eps=rms_norm_eps, rope_theta=rope_theta,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    vision_config = clip_config(**size.clip())
     llava_config = LlavaConfig(
         vision_config=vision_config,
         text_config=text_config,
@@ -223,10 +185,10 @@ def build_tiny_hf(
     head = state["lm_head.weight"]
     # Same scales as the rows of the original embedding and lm_head.
     state["model.language_model.embed_tokens.weight"] = torch.cat(
-        [embed, _normal(seed, "hf/image_token/embed_tokens", (1, hidden), 1.0)]
+        [embed, _normal(seed, "hf/image_token/embed_tokens", (1, size.hidden), 1.0)]
     )
     state["lm_head.weight"] = torch.cat(
-        [head, _normal(seed, "hf/image_token/lm_head", (1, hidden), 1.0 / math.sqrt(hidden))]
+        [head, _normal(seed, "hf/image_token/lm_head", (1, size.hidden), 1.0 / math.sqrt(size.hidden))]
     )
     for key, value in clip.items():
         state["model.vision_tower." + key] = value
@@ -239,7 +201,7 @@ def build_tiny_hf(
     if source is not None:
         shutil.copyfile(Path(source) / "tokenizer.model", out_dir / "tokenizer.model")
     else:
-        train_tiny_tokenizer(out_dir, vocab_size=vocab_size)
+        train_tiny_tokenizer(out_dir, vocab_size=size.vocab_size)
     tok_config = tokenizer_config()
     tok_config["added_tokens_decoder"] = {
         str(i): {**added_token(content, typed=False), "special": True}
@@ -271,8 +233,8 @@ def build_tiny_hf(
     )
     logger.info(
         "built tiny Hugging Face LLaVA (%d layers, vocab %d + <image>) at %s",
-        llm_layers,
-        vocab_size,
+        size.llm_layers,
+        size.vocab_size,
         out_dir,
     )
     return out_dir

@@ -23,64 +23,7 @@ GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden" / "tiny"
 GOLDEN_LLAVA = GOLDEN / LLAVA_DIR_NAME
 GOLDEN_CLIP = GOLDEN / CLIP_DIR_NAME
 
-# Copy of the golden llava-v1.5-tiny-flexattn/config.json (written by the original code), so the
-# layout is checked even where no golden directory is present.
-GOLDEN_CONFIG_JSON = """{
-  "_name_or_path": "llava-v1.5-tiny-flexattn",
-  "architectures": [
-    "LlavaLlamaForCausalLM"
-  ],
-  "attention_bias": false,
-  "attention_dropout": 0.0,
-  "bos_token_id": 1,
-  "eos_token_id": 2,
-  "extra": {
-    "highres_size": "1008",
-    "lowres_size": "336",
-    "threshold": "48",
-    "warmup": "10",
-    "zoom_ratio": "3"
-  },
-  "freeze_mm_mlp_adapter": false,
-  "hidden_act": "silu",
-  "hidden_size": 64,
-  "image_aspect_ratio": "pad",
-  "image_grid_pinpoints": null,
-  "initializer_range": 0.02,
-  "intermediate_size": 172,
-  "max_length": 4096,
-  "max_position_embeddings": 4096,
-  "mm_hidden_size": 32,
-  "mm_patch_merge_type": "flat",
-  "mm_projector_lr": null,
-  "mm_projector_type": "mlp2x_gelu",
-  "mm_resampler_type": null,
-  "mm_use_im_patch_token": false,
-  "mm_use_im_start_end": false,
-  "mm_vision_select_feature": "patch",
-  "mm_vision_select_layer": -2,
-  "mm_vision_tower": "../clip-vit-tiny-patch14-336",
-  "model_type": "llava_llama",
-  "num_attention_heads": 4,
-  "num_hidden_layers": 12,
-  "num_key_value_heads": 4,
-  "pad_token_id": 0,
-  "pretraining_tp": 1,
-  "rms_norm_eps": 1e-05,
-  "rope_scaling": null,
-  "rope_theta": 10000.0,
-  "tie_word_embeddings": false,
-  "tokenizer_model_max_length": 2048,
-  "tokenizer_padding_side": "right",
-  "torch_dtype": "float16",
-  "transformers_version": "4.37.2",
-  "tune_mm_mlp_adapter": false,
-  "tune_mm_vision_resampler": false,
-  "unfreeze_mm_vision_tower": false,
-  "use_cache": true,
-  "use_mm_proj": true,
-  "vocab_size": 320
-}"""
+GOLDEN_CONFIG = GOLDEN_LLAVA / "config.json"  # as the original code wrote it
 
 # Per-layer and global keys (and shapes) of the golden original-layout model.safetensors.
 GOLDEN_LAYER_KEYS = {
@@ -217,7 +160,7 @@ def test_layout_matches_embedded_golden_facts(original: Path) -> None:
         "model.safetensors",
         "preprocessor_config.json",
     ]
-    assert (original / "config.json").read_text() == GOLDEN_CONFIG_JSON
+    assert (original / "config.json").read_text() == GOLDEN_CONFIG.read_text()
     tensors = _tensors(original / "model.safetensors")
     expected = dict(GOLDEN_GLOBAL_KEYS)
     for i in range(12):  # k_proj_hd / v_proj_hd in every layer, as in the golden file
