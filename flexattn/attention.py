@@ -154,6 +154,11 @@ class HierarchicalAttention(nn.Module):
         self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=False)
         self.selects = layer_idx >= cfg.select_layer  # its map makes the next layer's selection
         self.is_flex = layer_idx > cfg.select_layer  # attends to high-res keys
+        # With FlexInputs.keep_maps (training, traces), the last step's reading: the flex rows'
+        # attention on each gathered high-res token, mean over heads, [B, R, N], and the
+        # blocks gathered, [B, N / 64] (tokens block by block, as in HighResCache.blocks).
+        # Never read by inference.
+        self.hr_read: tuple[torch.Tensor, torch.Tensor] | None = None
         if self.is_flex:
             self.k_proj_hd = nn.Linear(cfg.hidden_size, hkv * d, bias=False)
             self.v_proj_hd = nn.Linear(cfg.hidden_size, hkv * d, bias=False)
@@ -231,7 +236,7 @@ class HierarchicalAttention(nn.Module):
         if hr is None or hr[0].shape[2] == 0:
             out = torch.matmul(probs_seq.to(values.dtype).view(b, hkv, rep * r, s), values)
             return out.view(b, h, r, d), selection_probs
-        k_hr, feats, valid = hr  # [B, Hkv, N, D], [B, N, hidden], [B, R, N]
+        k_hr, feats, valid, order = hr  # [B, Hkv, N, D], [B, N, hidden], [B, R, N], [B, N/64]
         n = k_hr.shape[2]
         s_hr = torch.matmul(qg, k_hr.transpose(-1, -2)).float() * scale  # [B, Hkv, rep*R, N]
         s_hr = s_hr.view(b, hkv, rep, r, n).masked_fill(~valid.view(b, 1, 1, r, n),
@@ -239,6 +244,8 @@ class HierarchicalAttention(nn.Module):
         probs = torch.softmax(torch.cat([scores, s_hr], dim=-1), dim=-1).to(values.dtype)
         out = torch.matmul(probs[..., :s].reshape(b, hkv, rep * r, s), values)
         p_hr = probs[..., s:]  # [B, Hkv, rep, R, N]
+        if flex.keep_maps:
+            self.hr_read = (p_hr.float().sum(dim=(1, 2)) / h, order)
         w_v = self.v_proj_hd.weight.view(hkv, d, -1)  # [Hkv, D, hidden]
         if flex.cfg.hr_kv_reuse:
             # values without projecting tokens: W_V' (sum_t p_t f_t), per query head and row
@@ -250,11 +257,12 @@ class HierarchicalAttention(nn.Module):
         return out.view(b, h, r, d), selection_probs
 
     def _selected_keys(self, flex: FlexInputs, hr_mask: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys and features of the high-res tokens the flex rows selected.
 
         hr_mask: [B, R, P*P]. Returns k: [B, Hkv, N, D] (rotary applied), feats: [B, N, hidden]
-        and valid: [B, R, N] bool, N = 64 * (most blocks one sample's rows selected together).
+        valid: [B, R, N] bool, N = 64 * (most blocks one sample's rows selected together), and
+        the blocks gathered, [B, N / 64].
         Values are not projected here: sum_t p_t (W_V' f_t) = W_V' (sum_t p_t f_t), so the
         caller mixes the features first. With ``hr_kv_reuse``, keys of blocks selected for the
         first time are projected and cached for later steps of the same image; with
@@ -281,7 +289,8 @@ class HierarchicalAttention(nn.Module):
             done |= need
         if kmax == 0:
             return (hr.blocks.new_zeros(b, hkv, 0, d), hr.blocks.new_zeros(b, 0, cfg.hidden_size),
-                    torch.zeros(b, hr_mask.shape[1], 0, dtype=torch.bool, device=union.device))
+                    torch.zeros(b, hr_mask.shape[1], 0, dtype=torch.bool, device=union.device),
+                    torch.zeros(b, 0, dtype=torch.long, device=union.device))
         # selected block ids first (stable sort keeps block order), padded with unselected ones
         order = torch.sort((~union).to(torch.int8), dim=1, stable=True).indices[:, :kmax]
         bidx = torch.arange(b, device=union.device).view(-1, 1)
@@ -302,4 +311,5 @@ class HierarchicalAttention(nn.Module):
         # per row: the gathered blocks it selected (padding blocks are never valid)
         valid = hr_mask.gather(2, order.unsqueeze(1).expand(-1, hr_mask.shape[1], -1))
         valid = valid & (torch.arange(kmax, device=union.device) < counts.view(-1, 1)).unsqueeze(1)
-        return k_sel, blocks.reshape(b, kmax * tok, -1), valid.repeat_interleave(tok, dim=2)
+        return (k_sel, blocks.reshape(b, kmax * tok, -1), valid.repeat_interleave(tok, dim=2),
+                order)

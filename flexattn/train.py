@@ -233,6 +233,10 @@ class Recipe:
     pattern_share: float = 0.5  # pattern questions among the samples (the rest: count)
     presence_weight: float = 1.0  # the colours-present probe on the last hidden state
     hd_lr_scale: float = 3.0  # learning rate of k_proj_hd / v_proj_hd relative to --lr
+    # -log of each pattern answer row's attention, in every FlexAttention layer, on the
+    # high-res tokens inside the named box's interior: pulls the reading onto the pattern
+    # (0: off)
+    read_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -284,7 +288,12 @@ class Metrics:
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe) -> None:
+    """A run: model, probes, optimiser and data stream of ``recipe``, resumed from
+    ``OUT/checkpoint.pt`` when there is one. ``stages`` records each command the run was
+    started or resumed with under a different recipe: the step it took over at, the command
+    and the commit of the code (a run resumed with a changed flag is a new stage)."""
+
+    def __init__(self, recipe: Recipe, command: str = "") -> None:
         self.recipe = recipe
         self.out = Path(recipe.out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -307,6 +316,7 @@ class Trainer:
         self.stream = SceneStream(recipe.seed, recipe.reuse, recipe.pattern_share)
         self.eval_log: list[dict] = []
         self.commit = git_commit()  # of the code the run started with
+        self.stages = [{"from_step": 0, "command": command, "commit": self.commit}]
         ckpt = self.out / CHECKPOINT
         if ckpt.is_file():
             state = torch.load(ckpt, map_location="cpu", weights_only=True)
@@ -316,6 +326,14 @@ class Trainer:
             self.step, self.elapsed = int(state["step"]), float(state["elapsed"])
             self.eval_log = json.loads(state["eval_log"])
             self.commit = state["commit"]
+            before = json.loads(state["recipe"])
+            self.stages = json.loads(state.get("stages") or "null") or [
+                {"from_step": 0, "command": "", "commit": self.commit}]
+            changed = {k: v for k, v in asdict(recipe).items()
+                       if k not in ("out", "threads") and before.get(k) != v}
+            if changed:
+                self.stages.append({"from_step": self.step, "command": command,
+                                    "commit": git_commit(), "changed": changed})
             log.info("resumed %s at step %d (%.0f s trained)", ckpt, self.step, self.elapsed)
 
     # one step ------------------------------------------------------------------------------
@@ -332,6 +350,10 @@ class Trainer:
         rows = max(len(a) for a in answers)
         forced = torch.stack([oracle_cells(s, cfg.pool_grid) for s in samples])
         final: list[torch.Tensor] = []
+        readers = [layer.self_attn for layer in self.module.model.layers
+                   if layer.self_attn.is_flex]
+        for attn in readers:
+            attn.hr_read = None
         hook = self.module.model.norm.register_forward_hook(
             lambda _m, args, _out: final.append(args[0]))
         try:
@@ -360,14 +382,42 @@ class Trainer:
                 present[i, [names.index(b.colour) for b in s.boxes]] = 1.0
             probe = probe + recipe.presence_weight * F.binary_cross_entropy_with_logits(
                 self.probes.presence(h), present)
+        read = self.read_loss(samples, readers, valid) if recipe.read_weight else None
         loss = ce + recipe.attn_weight * att + recipe.probe_weight * probe
+        if read is not None:
+            loss = loss + recipe.read_weight * read
         for group in self.opt.param_groups:
             group["lr"] = recipe.learning_rate(step) * group["scale"]
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.module.parameters(), recipe.clip)
         self.opt.step()
-        return self.step_metrics(samples, out, forced_on, ce, att, probe)
+        metrics = self.step_metrics(samples, out, forced_on, ce, att, probe)
+        if read is not None:
+            metrics["read"] = float(read.detach())
+        return metrics
+
+    def read_loss(self, samples: list[Sample], readers: list, valid: torch.Tensor
+                  ) -> torch.Tensor | None:
+        """Mean over FlexAttention layers and pattern answer rows of -log(the row's attention
+        on the high-res tokens inside the named box); None when no row read any of them."""
+        cfg = self.model.config
+        inside = torch.stack([
+            highres_labels(asked_boxes(s), cfg.hr_grid) > 0 if s.question.type == "pattern"
+            else torch.zeros(cfg.hr_tokens, dtype=torch.bool) for s in samples])
+        inside = to_blocks(inside, cfg.hr_grid, cfg.pool_grid)  # [B, P*P, 64]
+        terms = []
+        for attn in readers:
+            if attn.hr_read is None:
+                continue
+            probs, order = attn.hr_read  # [B, R, N], [B, N / 64]
+            b = torch.arange(len(samples)).view(-1, 1)
+            target = inside[b, order].flatten(1)  # [B, N]
+            mass = (probs * target[:, None, :]).sum(-1)  # [B, R]
+            rows = valid & target.any(1, keepdim=True)
+            if rows.any():
+                terms.append(-torch.log(mass[rows] + 1e-6).mean())
+        return sum(terms) / len(terms) if terms else None
 
     def probe_loss(self, samples: list[Sample], out) -> torch.Tensor:
         cfg = self.model.config
@@ -422,7 +472,7 @@ class Trainer:
         state = {"model": self.module.state_dict(), "probes": self.probes.state_dict(),
                  "opt": self.opt.state_dict(), "step": self.step, "elapsed": self.elapsed,
                  "recipe": json.dumps(asdict(self.recipe)), "eval_log": json.dumps(self.eval_log),
-                 "commit": self.commit}
+                 "commit": self.commit, "stages": json.dumps(self.stages)}
         tmp = self.out / f".{CHECKPOINT}.tmp"
         torch.save(state, tmp)
         os.replace(tmp, self.out / CHECKPOINT)
@@ -558,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("seed", "steps", "batch_size", "lr", "warmup", "attn_weight", "probe_weight",
                  "oracle_steps", "oracle_floor", "checkpoint_every", "eval_every",
                  "eval_images", "eval_seed", "threads", "reuse", "clip", "pattern_share",
-                 "hd_lr_scale", "presence_weight"):
+                 "hd_lr_scale", "presence_weight", "read_weight"):
         value = getattr(defaults, name)
         p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value,
                        help=f"(default: {value})")
@@ -573,16 +623,17 @@ def main(argv: list[str] | None = None) -> int:
         recipe = Recipe(**fields)
     except ValueError as exc:
         p.error(str(exc))
-    trainer = Trainer(recipe)
+    command = "python -m flexattn.train " + " ".join(argv if argv is not None else sys.argv[1:])
+    trainer = Trainer(recipe, command)
     started = time.perf_counter()
     trainer.run()
     final = trainer.evaluate(args.eval_after) if args.eval_after else None
     if final:
         print("final evaluation:", json.dumps(final))
     if args.export:
-        command = "python -m flexattn.train " + " ".join(argv if argv is not None else sys.argv[1:])
         export(trainer.model, args.export, {
             "command": command, "recipe": asdict(recipe), "commit": trainer.commit,
+            "stages": trainer.stages,
             "steps": trainer.step, "samples": trainer.step * recipe.batch_size,
             "train_seconds": round(trainer.elapsed, 1),
             "this_run_seconds": round(time.perf_counter() - started, 1),
