@@ -47,7 +47,9 @@ IMAGE_EXTENSIONS = (
 MANIFEST_EXTENSIONS = (".parquet", ".csv", ".jsonl")
 URI_COLUMNS = ("image_uri", "image", "uri", "path", "source_uri")
 GLOB_CHARS = "*?["
-LISTING_BLOCK_ROWS = 100_000  # rows per block handed to Ray: 10 blocks for 1M inputs
+# rows per block handed to Ray (100 blocks for 1M inputs): each block is one decode task, so
+# this bounds how many decode tasks run at once on a large job
+LISTING_BLOCK_ROWS = 10_000
 MANIFEST_READ_BYTES = 32 * 1024**2  # CSV / JSONL read block; Parquet goes by row group
 LIST_THREADS = 16  # concurrent sub-prefix listings on object storage
 LIST_FANOUT_DEPTH = 3  # levels of sub-prefixes expanded while fewer than LIST_THREADS

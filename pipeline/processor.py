@@ -19,10 +19,11 @@ selection statistics, timings, `selection_map`, `tflops`) and `error` / `error_s
 whose image cannot be read or decoded, or whose generation fails, is an error row and the
 rest go on.
 
-Stages: [preprocess] -> split into blocks of `decode_rows_per_task` rows inside the cluster (a
-streaming repartition: the input may come in a few large blocks) -> prompts and decode (CPU
-tasks) -> [after_decode] -> predict (an autoscaling pool of
-actors, one model replica each) -> [the task's finalize] -> [postprocess].
+Stages: [preprocess] -> prompts and decode (CPU tasks, one per input block, decoding
+`decode_rows_per_task` rows at a time) -> [after_decode] -> predict (an autoscaling pool of
+actors, one model replica each) -> [the task's finalize] -> [postprocess]. Decode runs as many
+tasks at once as the input has blocks: a Dataset of a few huge blocks wants
+`ds.repartition(...)` first.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class ProcessorConfig:
     cpus_per_replica: float = 1.0
     memory_per_replica_gb: float = 2.0  # host memory reserved per replica
     max_new_tokens: int = 64
-    overrides: Mapping[str, object] = field(default_factory=dict)  # model config fields
+    overrides: Mapping[str, object] = field(default_factory=dict)  # run-time model options (threshold, ...)
     prompt: str | None = None  # for rows without one (default: the task's)
     task: Task = CAPTION
     image_size: int = DEFAULT_HIGHRES_SIZE  # the model's highres_size
@@ -195,16 +196,17 @@ class Processor:
         stage_args = actor_args if config.decode_in_actors else {"num_cpus": 1}
         if self.preprocess is not None:
             ds = ds.map(self.preprocess)
-        # Large input blocks become decode-sized ones here, in the cluster, as they stream.
-        # (Not after a map_batches: Ray Data would fuse it, the split and decode into one task
-        # per large block.)
-        ds = ds.repartition(target_num_rows_per_block=config.decode_rows_per_task)
+        # One decode task per input block, decoding it decode_rows_per_task rows at a time and
+        # handing on what it decoded as it goes. (A streaming repartition into blocks of that
+        # many rows instead holds a CPU for as long as its outputs wait: on a small cluster,
+        # with large input blocks, the decode tasks then never get one.)
+        rows = config.decode_rows_per_task
         ds = ds.map_batches(add_task_columns, fn_kwargs={"task": config.task,
                                                          "prompt": config.prompt},
-                            batch_size=None, batch_format="pyarrow",
+                            batch_size=rows, batch_format="pyarrow",
                             udf_modifying_row_count=False, **stage_args)
         ds = ds.map_batches(decode_batch, fn_kwargs={"config": config.decode_config()},
-                            batch_size=None, batch_format="pyarrow",
+                            batch_size=rows, batch_format="pyarrow",
                             udf_modifying_row_count=config.task.expand is not None, **stage_args)
         if self.after_decode is not None:
             fn, kwargs = self.after_decode

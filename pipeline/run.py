@@ -81,7 +81,7 @@ class JobConfig:
     # CPU-only clusters whose actors already keep every core busy, where it saves moving each
     # decoded image through the object store to a separate process.
     decode_in_actors: bool = False
-    overrides: dict = field(default_factory=dict)  # model config fields (e.g. threshold)
+    overrides: dict = field(default_factory=dict)  # run-time model options (e.g. threshold)
     rows_per_file: int | None = None  # None: about 1% of the rows to run, 1 batch to 500
     max_error_fraction: float = 1.0  # the job fails (exit 1) above this share of error rows
 
@@ -182,7 +182,10 @@ def run(config: JobConfig) -> RunSummary:
         sink = ParquetSink(config.output, output_schema(task.extra_fields), task.key_columns,
                            rows_per_file=config.resolved_rows_per_file(to_run))
         ds = ray.data.from_arrow_refs(blocks)
-        build_dataset(config, ds, None if keyed_at_listing else done).write_datasink(sink)
+        # A write is I/O bound: a quarter CPU keeps it from waiting behind long decode tasks
+        # and the actors on a small machine.
+        build_dataset(config, ds, None if keyed_at_listing else done).write_datasink(
+            sink, ray_remote_args={"num_cpus": 0.25})
         stats = sink.stats or {}
     summary = RunSummary.from_stats(
         stats,
