@@ -5,10 +5,10 @@
 Selection keeps the cells whose min-max normalised attention, times 255, is above
 ``threshold`` (48 in the published model). Training shapes where the attention goes, not how
 peaked it is, so after training the threshold is set once on validation scenes (seed 1, the
-scenes the training run evaluates on; never a test seed): the lowest candidate whose mean
-selected fraction is at most ``--max-frac``, whose named box's centre cell is used in at least
-``--min-hit`` of the pattern questions and whose pattern accuracy is not below the published
-threshold's. The choice is written into the checkpoint (``extra.threshold`` in
+scenes the training run evaluates on; never a test seed). Of the candidates whose named box's
+centre cell is used in at least ``--min-hit`` of the pattern questions and whose pattern
+accuracy is not below the published threshold's, the lowest whose mean selected fraction is
+at most ``--max-frac``, else the one that selects least. The choice is written into the checkpoint (``extra.threshold`` in
 ``config.json``) and recorded, with every candidate's figures and this command, in
 ``training.json``.
 """
@@ -39,11 +39,22 @@ def calibrate(folder: Path, seed: int, images: int, max_frac: float, min_hit: fl
         figures = evaluate_model(model, seed, images, modes=("flexattn",))
         rows.append({"threshold": threshold, **figures})
         log.info("threshold %g: %s", threshold, figures)
+    return {**choose(rows, max_frac, min_hit), "candidates": rows}
+
+
+def choose(rows: list[dict], max_frac: float, min_hit: float) -> dict:
+    """The threshold to keep from the candidates' figures (``rows`` in increasing threshold,
+    the first the published one) and the rule that chose it."""
     floor = rows[0]["flexattn_pattern"]
-    passing = [r for r in rows if r["frac"] <= max_frac and r["hit"] >= min_hit
-               and r["flexattn_pattern"] >= floor]
-    chosen = passing[0]["threshold"] if passing else None
-    return {"chosen": chosen, "candidates": rows}
+    keep = [r for r in rows if r["hit"] >= min_hit and r["flexattn_pattern"] >= floor]
+    small = [r for r in keep if r["frac"] <= max_frac]
+    if small:
+        return {"chosen": small[0]["threshold"], "rule": f"lowest with frac <= {max_frac}"}
+    if keep:
+        best = min(keep, key=lambda r: (r["frac"], r["threshold"]))
+        return {"chosen": best["threshold"],
+                "rule": f"none reaches frac <= {max_frac}: the one that selects least"}
+    return {"chosen": None, "rule": "none keeps the hit rate and the accuracy"}
 
 
 def write_threshold(folder: Path, threshold: float, record: dict) -> None:

@@ -4,7 +4,7 @@ A 1008 px scene holds 2-4 square boxes, each with a coloured border and an inter
 one of four one-pixel grey patterns whose contrast the 336 px view averages away. "What pattern
 is inside the {colour} box?" needs the 1008 px view inside one small box (the model finds the
 box in the 336 px view, selects its cells and reads the high-resolution tokens there); "How
-many boxes are there?" is answerable at 336 px. The distribution (``docs/SYNTHHR.md``):
+many boxes are there?" is answerable at 336 px. The distribution:
 
 - background, per channel c: ``m_c + sum_k a_ck sin(2 pi (u_k x + v_k y) / 1008 + phi_ck)`` plus
   integer noise in [-6, 6], rounded and clipped to [30, 225]; m in [70, 185], a in [4, 20],
