@@ -19,11 +19,12 @@ selection statistics, timings, `selection_map`, `tflops`) and `error` / `error_s
 whose image cannot be read or decoded, or whose generation fails, is an error row and the
 rest go on.
 
-Stages: [preprocess] -> prompts and decode (CPU tasks, one per input block, decoding
-`decode_rows_per_task` rows at a time) -> [after_decode] -> predict (an autoscaling pool of
-actors, one model replica each) -> [the task's finalize] -> [postprocess]. Decode runs as many
-tasks at once as the input has blocks: a Dataset of a few huge blocks wants
-`ds.repartition(...)` first.
+Stages: [preprocess] -> split into blocks of `decode_rows_per_task` rows inside the cluster (a
+streaming repartition) -> prompts and decode (CPU tasks) -> [after_decode] -> predict (an
+autoscaling pool of actors, one model replica each) -> [the task's finalize] ->
+[postprocess]. `run()` skips the split (`split_blocks=False`) for jobs of more than one
+listing block: each 10k-row block is decoded by one task, a few rows at a time, since on a
+small cluster the streaming repartition of such blocks holds the CPUs the decode tasks need.
 """
 
 from __future__ import annotations
@@ -178,8 +179,10 @@ class Processor:
 
     def __init__(self, config: ProcessorConfig, preprocess: Callable[[Row], Row] | None = None,
                  postprocess: Callable[[Row], Row] | None = None,
-                 after_decode: tuple[Callable[..., pa.Table], dict] | None = None):
+                 after_decode: tuple[Callable[..., pa.Table], dict] | None = None,
+                 split_blocks: bool = True):
         self.config = config
+        self.split_blocks = split_blocks
         self.preprocess = preprocess
         self.postprocess = postprocess
         self.after_decode = after_decode
@@ -196,11 +199,16 @@ class Processor:
         stage_args = actor_args if config.decode_in_actors else {"num_cpus": 1}
         if self.preprocess is not None:
             ds = ds.map(self.preprocess)
-        # One decode task per input block, decoding it decode_rows_per_task rows at a time and
-        # handing on what it decoded as it goes. (A streaming repartition into blocks of that
-        # many rows instead holds a CPU for as long as its outputs wait: on a small cluster,
-        # with large input blocks, the decode tasks then never get one.)
         rows = config.decode_rows_per_task
+        if self.split_blocks:
+            # The input's blocks become blocks of decode_rows_per_task rows in the cluster, as
+            # they stream, so decode runs in many small tasks whatever the input's blocks.
+            ds = ds.repartition(target_num_rows_per_block=rows)
+            rows = None  # each decode task takes its whole (small) block
+        # Without split_blocks (run() on more than one 10k-row listing block): one decode task per
+        # block, decoding decode_rows_per_task rows at a time and handing them on as it goes.
+        # The streaming repartition holds a CPU for as long as its outputs wait: on a 2-CPU
+        # machine with 10k-row blocks the decode tasks then never got one.
         ds = ds.map_batches(add_task_columns, fn_kwargs={"task": config.task,
                                                          "prompt": config.prompt},
                             batch_size=rows, batch_format="pyarrow",

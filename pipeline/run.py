@@ -24,6 +24,7 @@ import pyarrow as pa
 import ray
 
 from flexattn.options import DEFAULT_HIGHRES_SIZE
+from pipeline import inputs
 from pipeline.columns import output_schema
 from pipeline.decode import DEFAULT_MAX_PIXELS
 from pipeline.inputs import InputConfig, iter_inputs
@@ -149,16 +150,18 @@ def done_keys(output: str, key_columns: tuple[str, ...], task: str) -> DoneKeys:
     return DoneKeys.collect(output, key_columns, task)
 
 
-def build_dataset(config: JobConfig, todo, done: pa.Table | DoneKeys | None = None):
+def build_dataset(config: JobConfig, todo, done: pa.Table | DoneKeys | None = None,
+                  split_blocks: bool = True):
     """The lazy Ray Dataset for `todo` (the inputs still to run: a table or a Dataset); `done`
-    filters rows after decode, for tasks keyed after it."""
+    filters rows after decode, for tasks keyed after it. `split_blocks`: see `Processor`."""
     ds = ray.data.from_arrow(todo) if isinstance(todo, pa.Table) else todo
     ref = done.ref if isinstance(done, DoneKeys) else (
         ray.put(done) if done is not None and done.num_rows else None)
     after = None
     if ref is not None:
         after = (drop_written, {"done": ref, "key_columns": config.task.key_columns})
-    return Processor(config.processor_config(), after_decode=after)(ds)
+    return Processor(config.processor_config(), after_decode=after,
+                     split_blocks=split_blocks)(ds)
 
 
 def run(config: JobConfig) -> RunSummary:
@@ -184,7 +187,12 @@ def run(config: JobConfig) -> RunSummary:
         ds = ray.data.from_arrow_refs(blocks)
         # A write is I/O bound: a quarter CPU keeps it from waiting behind long decode tasks
         # and the actors on a small machine.
-        build_dataset(config, ds, None if keyed_at_listing else done).write_datasink(
+        # A job of more than one listing block decodes each block in one task, a few rows at
+        # a time (the streaming repartition into small blocks can hold the CPUs decode needs:
+        # it never wrote a row at 1e6 inputs on 2 CPUs); a smaller one is split into
+        # decode-sized blocks, so that its few rows still decode in parallel.
+        split = to_run <= inputs.LISTING_BLOCK_ROWS
+        build_dataset(config, ds, None if keyed_at_listing else done, split).write_datasink(
             sink, ray_remote_args={"num_cpus": 0.25})
         stats = sink.stats or {}
     summary = RunSummary.from_stats(

@@ -77,16 +77,17 @@ def test_processor_concurrency_1_2_autoscales_to_both_gpu_nodes(two_gpu_nodes, d
     import ray
     from ray.util.state import list_actors
 
+    # enough work that the second replica starts (loads its model) while batches still wait
     items = []
-    for i in range(16):
+    for i in range(48):
         buf = io.BytesIO()
         noise_image(200 + 10 * i, 180, seed=i).save(buf, format="PNG")
         items.append({"id": f"t{i:02d}", "image": buf.getvalue()})
     config = ProcessorConfig(model=str(demo_model), concurrency=(1, 2), gpus_per_replica=1,
-                             batch_size=1, max_new_tokens=8, memory_per_replica_gb=0.5,
+                             batch_size=1, max_new_tokens=24, memory_per_replica_gb=0.5,
                              decode_rows_per_task=1)
     rows = build_processor(config)(ray.data.from_items(items)).take_all()
-    assert sorted(r["id"] for r in rows) == [f"t{i:02d}" for i in range(16)]
+    assert sorted(r["id"] for r in rows) == [f"t{i:02d}" for i in range(48)]
     assert all(r["error"] is None and r["answer"] is not None for r in rows)
     # It started with one replica and, with batches queued, Ray Data added the second.
     actors = list_actors(filters=[("class_name", "=", PREDICT_ACTOR)], detail=True)
