@@ -139,13 +139,13 @@ def _normal(
 class TinyShape:
     """The shape of a tiny random checkpoint: its Llama side and its CLIP tower."""
 
-    llm_layers: int = 12
+    llm_layers: int = 12  # the golden checkpoint's Llama: 12 layers, width 64
     hidden: int = 64
     heads: int = 4
-    kv_heads: int = 4
+    kv_heads: int = 4  # grouped-query attention when fewer than heads
     intermediate: int = 172
-    vocab_size: int = 320
-    clip_hidden: int = 32
+    vocab_size: int = 320  # sentencepiece pieces (the Hugging Face layout adds <image>)
+    clip_hidden: int = 32  # its CLIP tower: 2 layers, width 32
     clip_layers: int = 2
     clip_heads: int = 4
     clip_intermediate: int = 128

@@ -223,10 +223,10 @@ class Recipe:
     probe_weight: float = 0.5
     oracle_steps: int = 1500  # the forced share falls from 1 to oracle_floor over these steps
     oracle_floor: float = 0.15
-    checkpoint_every: int = 100
+    checkpoint_every: int = 100  # steps between checkpoints (a stopped run resumes there)
     eval_every: int = 500
-    eval_images: int = 16
-    eval_seed: int = 1
+    eval_images: int = 16  # scenes per evaluation, two questions each
+    eval_seed: int = 1  # validation scenes; training draws from `seed`
     threads: int = 2
     reuse: int = 4  # samples drawn on one background
     clip: float = 1.0  # gradient norm clipping
