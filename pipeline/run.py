@@ -185,12 +185,12 @@ def run(config: JobConfig) -> RunSummary:
         sink = ParquetSink(config.output, output_schema(task.extra_fields), task.key_columns,
                            rows_per_file=config.resolved_rows_per_file(to_run))
         ds = ray.data.from_arrow_refs(blocks)
-        # A write is I/O bound: a quarter CPU keeps it from waiting behind long decode tasks
-        # and the actors on a small machine.
         # A job of more than one listing block decodes each block in one task, a few rows at
         # a time (the streaming repartition into small blocks can hold the CPUs decode needs:
         # it never wrote a row at 1e6 inputs on 2 CPUs); a smaller one is split into
-        # decode-sized blocks, so that its few rows still decode in parallel.
+        # decode-sized blocks, so that its few rows still decode in parallel. A write is I/O
+        # bound: a quarter CPU keeps it from waiting behind long decode tasks and the actors on
+        # a small machine.
         split = to_run <= inputs.LISTING_BLOCK_ROWS
         build_dataset(config, ds, None if keyed_at_listing else done, split).write_datasink(
             sink, ray_remote_args={"num_cpus": 0.25})
