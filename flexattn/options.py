@@ -4,6 +4,7 @@ a loaded model, CLIP's normalisation and the padding colour derived from it."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -31,6 +32,7 @@ PAD_COLOUR = pad_colour()
 DEFAULT_HIGHRES_SIZE = 1008
 
 
+@functools.lru_cache(maxsize=64)  # a job's configs are built several times from one path
 def checkpoint_highres_size(directory: str | os.PathLike) -> int | None:
     """The side of the padded square image a local checkpoint folder expects (its
     ``highres_size``), read from its config alone; None for what is not a local folder (an
