@@ -22,9 +22,10 @@ rest go on.
 Stages: [preprocess] -> split into blocks of `decode_rows_per_task` rows inside the cluster (a
 streaming repartition) -> prompts and decode (CPU tasks) -> [after_decode] -> predict (an
 autoscaling pool of actors, one model replica each) -> [the task's finalize] ->
-[postprocess]. `run()` skips the split (`split_blocks=False`) for jobs of more than one
-listing block: each 10k-row block is decoded by one task, a few rows at a time, since on a
-small cluster the streaming repartition of such blocks holds the CPUs the decode tasks need.
+[postprocess]. `run()` skips the split (`split_blocks=False`): it hands over blocks that
+are already decode-sized (small jobs) or decodes each 10k-row listing block in one task, a
+few rows at a time, since on a small cluster the streaming repartition of such blocks holds
+the CPUs the decode tasks need.
 """
 
 from __future__ import annotations
@@ -205,8 +206,8 @@ class Processor:
             # they stream, so decode runs in many small tasks whatever the input's blocks.
             ds = ds.repartition(target_num_rows_per_block=rows)
             rows = None  # each decode task takes its whole (small) block
-        # Without split_blocks (run() on more than one 10k-row listing block): one decode task per
-        # block, decoding decode_rows_per_task rows at a time and handing them on as it goes.
+        # Without split_blocks (run()): one decode task per block, decoding decode_rows_per_task
+        # rows at a time and handing them on as it goes.
         # The streaming repartition holds a CPU for as long as its outputs wait: on a 2-CPU
         # machine with 10k-row blocks the decode tasks then never got one.
         ds = ds.map_batches(add_task_columns, fn_kwargs={"task": config.task,

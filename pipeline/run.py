@@ -8,8 +8,9 @@ write -> summary.
 
 Scale: the driver lists the inputs and puts them into the object store in a few large blocks
 (`pipeline.inputs.LISTING_BLOCK_ROWS` rows each); resume filters those blocks in Ray tasks
-against the written keys, which a Ray task read (`pipeline.resume`); the processor splits them
-into decode-sized blocks inside the cluster. The driver holds one block at a time, the
+against the written keys, which a Ray task read (`pipeline.resume`); each block is then one
+decode task that hands on a few rows at a time, or, in a job of at most one block's rows,
+Ray tasks cut the blocks into decode-sized ones first. The driver holds one block at a time, the
 manifest ids (duplicate check) and object references.
 """
 
@@ -145,6 +146,21 @@ def put_inputs(config: InputConfig) -> tuple[list, int]:
     return refs, rows
 
 
+@ray.remote(num_cpus=0)
+def _split_block(block: pa.Table, rows: int):
+    """One listing block as blocks of `rows` rows (copies, so that none holds the whole
+    block's buffers), yielded as they are cut."""
+    for start in range(0, block.num_rows, rows):
+        yield block.take(pa.array(range(start, min(start + rows, block.num_rows))))
+
+
+def cut_blocks(blocks: list, rows: int) -> list:
+    """The refs of `blocks` (listing blocks in the object store) cut into blocks of `rows`
+    rows by Ray tasks; the driver only collects references."""
+    cut = [_split_block.options(num_returns="streaming").remote(b, rows) for b in blocks]
+    return [ref for refs in cut for ref in refs]
+
+
 def done_keys(output: str, key_columns: tuple[str, ...], task: str) -> DoneKeys:
     """The keys already written under `output`, read and kept in the cluster."""
     return DoneKeys.collect(output, key_columns, task)
@@ -184,16 +200,20 @@ def run(config: JobConfig) -> RunSummary:
     if to_run:
         sink = ParquetSink(config.output, output_schema(task.extra_fields), task.key_columns,
                            rows_per_file=config.resolved_rows_per_file(to_run))
-        ds = ray.data.from_arrow_refs(blocks)
         # A job of more than one listing block decodes each block in one task, a few rows at
-        # a time (the streaming repartition into small blocks can hold the CPUs decode needs:
-        # it never wrote a row at 1e6 inputs on 2 CPUs); a smaller one is split into
-        # decode-sized blocks, so that its few rows still decode in parallel. A write is I/O
-        # bound: a quarter CPU keeps it from waiting behind long decode tasks and the actors on
-        # a small machine.
-        split = to_run <= inputs.LISTING_BLOCK_ROWS
-        build_dataset(config, ds, None if keyed_at_listing else done, split).write_datasink(
-            sink, ray_remote_args={"num_cpus": 0.25})
+        # a time (Ray Data's streaming repartition into small blocks can hold the CPUs decode
+        # needs: it never wrote a row at 1e6 inputs on 2 CPUs, and it slowed small jobs). A
+        # smaller job is cut into decode-sized blocks by Ray tasks first, so that its few rows
+        # still decode in parallel.
+        if to_run <= inputs.LISTING_BLOCK_ROWS:
+            blocks = cut_blocks(blocks, config.decode_rows_per_task)
+        ds = ray.data.from_arrow_refs(blocks)
+        # A write is I/O bound: a quarter CPU keeps it from waiting behind long decode tasks
+        # and the actors on a small machine, and one at a time keeps Ray from starting a
+        # worker process per quarter CPU (8 CPU s more in a 192-image job on 2 CPUs).
+        build_dataset(config, ds, None if keyed_at_listing else done,
+                      split_blocks=False).write_datasink(sink, concurrency=1,
+                                                        ray_remote_args={"num_cpus": 0.25})
         stats = sink.stats or {}
     summary = RunSummary.from_stats(
         stats,
