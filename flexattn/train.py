@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from . import synthhr
 from .config import FlexAttnConfig
@@ -189,13 +190,38 @@ def asked_boxes(sample: Sample) -> tuple[synthhr.Box, ...]:
     return sample.boxes
 
 
-def attention_target(sample: Sample, grid: int) -> torch.Tensor:
+COUNT_ATTENTION = ("boxes", "corner")
+
+
+def attention_target(sample: Sample, grid: int, count_attention: str = "boxes") -> torch.Tensor:
     """[grid * grid] distribution layer s's attention is pulled toward: evenly over the low-res
-    tokens of the boxes the question is about."""
+    tokens of the boxes the question is about; for a count question with ``count_attention``
+    "corner", the first low-res token alone (a fixed spot: one cell, one tile)."""
     t = np.zeros((grid, grid))
-    for box in asked_boxes(sample):
+    if sample.question.type == "count" and count_attention == "corner":
+        t[0, 0] = 1
+    for box in asked_boxes(sample) if not t.any() else ():
         t[synthhr.box_mask(box, grid)] = 1
     return torch.from_numpy(t.reshape(-1) / t.sum()).float()
+
+
+def colour_slots(samples: list[Sample], answers: list[list[int]], tok: PromptTokenizer,
+                 width: int) -> torch.Tensor:
+    """[B] the slot of each pattern question's colour word in the teacher-forced sequence of
+    ``width`` slots (left padding, the prompt with its image token expanded, the answer but
+    its last token); -1 for count questions."""
+    slots = torch.full((len(samples),), -1)
+    for i, s in enumerate(samples):
+        if s.question.type != "pattern":
+            continue
+        ids = tok.encode_prompt(question_prompt(s.question.question))
+        colour = tok.encode_text(s.boxes[s.question.target].colour)
+        at = [k for k in range(len(ids)) if ids[k:k + len(colour)] == colour]
+        if not at:
+            raise ValueError(f"{s.question.question!r}: the colour is not a token run of"
+                             " its prompt")
+        slots[i] = width - (len(ids) - at[-1] + len(answers[i]) - 1)
+    return slots
 
 
 def oracle_cells(sample: Sample, grid: int = 9) -> torch.Tensor:
@@ -237,6 +263,20 @@ class Recipe:
     # high-res tokens inside the named box's interior: pulls the reading onto the pattern
     # (0: off)
     read_weight: float = 0.0
+    # -log of the named box's share of the attention layer s gives to all boxes, per pattern
+    # answer row: the attention must tell the named box from the others, or the selection
+    # lights every box (0: off)
+    contrast_weight: float = 0.0
+    # a linear probe asks the hidden state entering layer s, at each pattern answer row, for
+    # the colour the question names: the query that selects must carry it (0: off)
+    query_weight: float = 0.0
+    # where layer s looks for a count question: "boxes" (all of them) or "corner" (the first
+    # low-res token only; counting reads no high-res detail, so one cell is all it costs)
+    count_attention: str = "boxes"
+    # -log of each pattern answer row's attention (mean over heads) on the colour word of the
+    # question, in every layer before s: the colour must reach the query that selects, and a
+    # loss on the attention itself still has a gradient where the softmax saturated (0: off)
+    route_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -246,6 +286,9 @@ class Recipe:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got"
                                  f" {getattr(self, name)}")
+        if self.count_attention not in COUNT_ATTENTION:
+            raise ValueError(f"--count-attention must be one of {COUNT_ATTENTION}, got"
+                             f" {self.count_attention!r}")
         if not 0 <= self.oracle_floor <= 1:
             raise ValueError(f"--oracle-floor must be within [0, 1], got {self.oracle_floor}")
 
@@ -265,13 +308,20 @@ class FeatureProbes(nn.Module):
     """Training-only linear probes on the projected CLIP features: box colour per low-res
     token (7 classes, 0 = none), pattern per high-res token (5 classes, 0 = none), and which
     border colours the image holds from the decoder's last hidden state at the first answer
-    row (counting boxes is counting the colours present)."""
+    row (counting boxes is counting the colours present), and the colour a pattern question
+    names from the hidden state entering layer s."""
 
     def __init__(self, hidden: int) -> None:
         super().__init__()
         self.colour = nn.Linear(hidden, 1 + len(synthhr.COLOURS))
         self.pattern = nn.Linear(hidden, 1 + len(synthhr.PATTERNS))
         self.presence = nn.Linear(hidden, len(synthhr.COLOURS))
+        self.query = nn.Linear(hidden, len(synthhr.COLOURS))  # added with --query-weight
+
+    def first_params(self) -> list[nn.Parameter]:
+        """Every probe but the query probe (the optimiser's first group; checkpoints from
+        before the query probe hold no state for it)."""
+        return [p for n, p in self.named_parameters() if not n.startswith("query.")]
 
 
 @dataclass
@@ -308,9 +358,10 @@ class Trainer:
         hd = [p for n, p in self.module.named_parameters() if "_proj_hd." in n]
         rest = [p for n, p in self.module.named_parameters() if "_proj_hd." not in n]
         self.opt = torch.optim.AdamW(
-            [{"params": rest + list(self.probes.parameters()), "scale": 1.0},
+            [{"params": rest + self.probes.first_params(), "scale": 1.0},
              {"params": hd, "scale": recipe.hd_lr_scale}],
             lr=recipe.lr, weight_decay=0.0, betas=(0.9, 0.98))
+        query_group = {"params": list(self.probes.query.parameters()), "scale": 1.0}
         self.step = 0
         self.elapsed = 0.0
         self.stream = SceneStream(recipe.seed, recipe.reuse, recipe.pattern_share)
@@ -321,8 +372,15 @@ class Trainer:
         if ckpt.is_file():
             state = torch.load(ckpt, map_location="cpu", weights_only=True)
             self.module.load_state_dict(state["model"])
-            self.probes.load_state_dict(state["probes"])
-            self.opt.load_state_dict(state["opt"])
+            missing = self.probes.load_state_dict(state["probes"], strict=False).missing_keys
+            if any(not k.startswith("query.") for k in missing):
+                raise RuntimeError(f"{ckpt}: probes missing {missing}")
+            if len(state["opt"]["param_groups"]) == 2:  # from before the query probe
+                self.opt.load_state_dict(state["opt"])
+                self.opt.add_param_group(query_group)
+            else:
+                self.opt.add_param_group(query_group)
+                self.opt.load_state_dict(state["opt"])
             self.step, self.elapsed = int(state["step"]), float(state["elapsed"])
             self.eval_log = json.loads(state["eval_log"])
             self.commit = state["commit"]
@@ -335,6 +393,8 @@ class Trainer:
                 self.stages.append({"from_step": self.step, "command": command,
                                     "commit": git_commit(), "changed": changed})
             log.info("resumed %s at step %d (%.0f s trained)", ckpt, self.step, self.elapsed)
+        else:
+            self.opt.add_param_group(query_group)
 
     # one step ------------------------------------------------------------------------------
     def batch(self, step: int) -> list[Sample]:
@@ -354,19 +414,30 @@ class Trainer:
                    if layer.self_attn.is_flex]
         for attn in readers:
             attn.hr_read = None
-        hook = self.module.model.norm.register_forward_hook(
-            lambda _m, args, _out: final.append(args[0]))
+        entering: list[torch.Tensor] = []  # the hidden state entering layer s
+        attn_inputs: list[tuple] = []  # (x, cos, sin, key_valid) of the layers before s
+        hooks = [self.module.model.norm.register_forward_hook(
+            lambda _m, args, _out: final.append(args[0]))]
+        if recipe.query_weight:
+            hooks.append(self.module.model.layers[cfg.select_layer - 1].register_forward_hook(
+                lambda _m, _args, out: entering.append(out[0][:, -rows:])))
+        if recipe.route_weight:
+            for layer in self.module.model.layers[:cfg.select_layer]:
+                hooks.append(layer.self_attn.register_forward_pre_hook(
+                    lambda _m, args: attn_inputs.append((args[0], args[1], args[2], args[6]))))
         try:
             out = self.model.teacher_forward(
                 [s.image for s in samples],
                 [question_prompt(s.question.question) for s in samples],
                 answers, forced=forced[:, None].expand(-1, rows, -1), forced_on=forced_on)
         finally:
-            hook.remove()
+            for hook in hooks:
+                hook.remove()
         valid = out.targets >= 0  # [B, R]
         ce = F.cross_entropy(out.logits.flatten(0, 1), out.targets.flatten(), ignore_index=-100)
         # every selection some layer reads: layers s .. L-2 (the last one's is never used)
-        target = torch.stack([attention_target(s, cfg.lr_grid) for s in samples])[:, None]
+        target = torch.stack([attention_target(s, cfg.lr_grid, recipe.count_attention)
+                              for s in samples])[:, None]
         att = 0.0
         for amap in out.record.maps[:-1]:  # [B, R, 576]
             p = amap / amap.sum(-1, keepdim=True).clamp_min(1e-12)
@@ -383,9 +454,15 @@ class Trainer:
             probe = probe + recipe.presence_weight * F.binary_cross_entropy_with_logits(
                 self.probes.presence(h), present)
         read = self.read_loss(samples, readers, valid) if recipe.read_weight else None
+        contrast = (self.contrast_loss(samples, out.record.maps[:-1], valid)
+                    if recipe.contrast_weight else None)
+        query = self.query_loss(samples, entering[0], valid) if entering else None
+        route = self.route_loss(samples, answers, attn_inputs, valid) if attn_inputs else None
         loss = ce + recipe.attn_weight * att + recipe.probe_weight * probe
-        if read is not None:
-            loss = loss + recipe.read_weight * read
+        for weight, term in ((recipe.read_weight, read), (recipe.contrast_weight, contrast),
+                             (recipe.query_weight, query), (recipe.route_weight, route)):
+            if term is not None:
+                loss = loss + weight * term
         for group in self.opt.param_groups:
             group["lr"] = recipe.learning_rate(step) * group["scale"]
         self.opt.zero_grad(set_to_none=True)
@@ -393,9 +470,77 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_(self.module.parameters(), recipe.clip)
         self.opt.step()
         metrics = self.step_metrics(samples, out, forced_on, ce, att, probe)
-        if read is not None:
-            metrics["read"] = float(read.detach())
+        for name, term in (("read", read), ("contrast", contrast), ("query", query),
+                           ("route", route)):
+            if term is not None:
+                metrics[name] = float(term.detach())
         return metrics
+
+    def contrast_loss(self, samples: list[Sample], maps: list[torch.Tensor],
+                      valid: torch.Tensor) -> torch.Tensor | None:
+        """Mean over the maps ([B, R, G*G], one per layer whose selection is read) and the
+        answer rows of pattern questions about a scene with other boxes of -log(attention on
+        the named box / attention on all boxes); None when the batch has no such row."""
+        grid = self.model.config.lr_grid
+        named, boxes = [], []
+        for s in samples:
+            masks = [torch.from_numpy(synthhr.box_mask(b, grid).reshape(-1)) for b in s.boxes]
+            named.append(masks[s.question.target] if s.question.type == "pattern"
+                         else torch.zeros(grid * grid, dtype=torch.bool))
+            boxes.append(torch.stack(masks).any(0))
+        named_t, boxes_t = torch.stack(named)[:, None].float(), torch.stack(boxes)[:, None].float()
+        rows = valid & ((boxes_t - named_t).amax(-1) > 0) & (named_t.amax(-1) > 0)  # [B, R]
+        if not rows.any():
+            return None
+        terms = []
+        for amap in maps:
+            on_named = (amap * named_t).sum(-1)
+            on_boxes = (amap * boxes_t).sum(-1)
+            terms.append(-torch.log(on_named[rows] / (on_boxes[rows] + 1e-12) + 1e-6).mean())
+        return sum(terms) / len(terms)
+
+    def route_loss(self, samples: list[Sample], answers: list[list[int]], inputs: list[tuple],
+                   valid: torch.Tensor) -> torch.Tensor | None:
+        """Mean over the layers before s (``inputs``: each one's attention input, rotary
+        tables and key mask) and the pattern answer rows of -log(the row's attention, mean over
+        heads, on the question's colour word)."""
+        r = valid.shape[1]
+        width = inputs[0][0].shape[1]
+        target = colour_slots(samples, answers, self.model.tokenizer, width)
+        rows = valid & (target >= 0)[:, None]
+        if not rows.any():
+            return None
+        terms = []
+        for (x, cos, sin, key_valid), layer in zip(inputs, self.module.model.layers):
+            attn = layer.self_attn
+            b, h, d = x.shape[0], attn.num_heads, attn.head_dim
+            hkv = attn.num_kv_heads
+            q = attn.q_proj(x[:, -r:]).view(b, r, h, d).transpose(1, 2)
+            k = attn.k_proj(x).view(b, width, hkv, d).transpose(1, 2)
+            q, _ = apply_rotary_pos_emb(q, q, cos[:, -r:], sin[:, -r:])
+            _, k = apply_rotary_pos_emb(k, k, cos, sin)
+            k = k.repeat_interleave(h // hkv, dim=1)
+            scores = torch.matmul(q, k.transpose(-1, -2)).float() * d ** -0.5  # [B, H, R, S]
+            slot = torch.arange(width).view(1, -1)
+            row_slot = torch.arange(width - r, width).view(-1, 1)
+            allowed = key_valid[:, None, None, :] & (slot <= row_slot)[None, None]
+            probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+            on = probs.mean(1).gather(-1, target.clamp_min(0).view(-1, 1, 1).expand(-1, r, 1))
+            terms.append(-torch.log(on[..., 0][rows] + 1e-6).mean())
+        return sum(terms) / len(terms)
+
+    def query_loss(self, samples: list[Sample], hidden: torch.Tensor,
+                   valid: torch.Tensor) -> torch.Tensor | None:
+        """Cross-entropy of the query probe on the hidden state entering layer s ([B, R,
+        hidden], the answer rows) against the colour each pattern question names."""
+        names = list(synthhr.COLOURS)
+        colour = torch.tensor([names.index(s.boxes[s.question.target].colour)
+                               if s.question.type == "pattern" else -100 for s in samples])
+        labels = torch.where(valid, colour[:, None], torch.full_like(valid, -100, dtype=torch.long))
+        if not (labels >= 0).any():
+            return None
+        return F.cross_entropy(self.probes.query(hidden).flatten(0, 1), labels.flatten(),
+                               ignore_index=-100)
 
     def read_loss(self, samples: list[Sample], readers: list, valid: torch.Tensor
                   ) -> torch.Tensor | None:
@@ -497,7 +642,8 @@ class Trainer:
                 if self.step % 20 == 0:
                     avg = window.mean()
                     bar.set_postfix({k: f"{avg[k]:.2f}" for k in (
-                        "ce", "att", "pattern_own", "pattern_forced", "count_own", "hit", "frac")
+                        "ce", "att", "contrast", "route", "pattern_own", "pattern_forced",
+                        "count_own", "hit", "frac")
                         if k in avg})
                     window = Metrics()
                 bar.update(1)
@@ -608,7 +754,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("seed", "steps", "batch_size", "lr", "warmup", "attn_weight", "probe_weight",
                  "oracle_steps", "oracle_floor", "checkpoint_every", "eval_every",
                  "eval_images", "eval_seed", "threads", "reuse", "clip", "pattern_share",
-                 "hd_lr_scale", "presence_weight", "read_weight"):
+                 "hd_lr_scale", "presence_weight", "read_weight", "contrast_weight",
+                 "query_weight", "count_attention", "route_weight"):
         value = getattr(defaults, name)
         p.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value,
                        help=f"(default: {value})")
