@@ -5,13 +5,18 @@
 Every step is one batch of SynthHR questions (``flexattn.synthhr``; images drawn on the fly,
 sample ``i`` a function of ``(seed, i)``) through ``LlavaFlexAttn.teacher_forward``: prompt
 plus answer in one forward that predicts each answer token exactly as ``generate``'s decode
-step does, selection included. Selection is a hard threshold, so three signals teach the two
-halves of the task:
+step does, selection included. Selection is a hard threshold, so these signals teach the
+two halves of the task:
 
 - **finding the box** (no gradient reaches it through the answer): a cross-entropy between
   the attention of each answer row over the 576 image tokens in every layer whose selection
   is read (summed over heads, renormalised) and the low-res tokens of the named box (pattern
-  questions) or of all boxes (count questions);
+  questions) or of all boxes (count questions; ``--count-attention corner``: the first
+  low-res token, so that a count question selects one cell). That alone taught "look at
+  boxes", not "look at the named one": the question's colour never reached the query that
+  selects. Two more terms fix that (``--route-weight``, ``--contrast-weight``): the layers
+  before s attend from each answer row to the colour word, and layer s's attention on the
+  named box is pushed up against its attention on the other boxes;
 - **reading it**: for a share of the samples that falls from 1 to ``oracle_floor`` over
   ``oracle_steps``, the box's own cells are put in place of the model's selection, so the
   answer's gradient reaches the high-res path before the model finds boxes on its own;
