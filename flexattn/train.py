@@ -195,18 +195,22 @@ def asked_boxes(sample: Sample) -> tuple[synthhr.Box, ...]:
     return sample.boxes
 
 
-COUNT_ATTENTION = ("boxes", "corner")
+COUNT_ATTENTION = ("boxes", "corner", "corner-boxes")
 
 
 def attention_target(sample: Sample, grid: int, count_attention: str = "boxes") -> torch.Tensor:
     """[grid * grid] distribution layer s's attention is pulled toward: evenly over the low-res
     tokens of the boxes the question is about; for a count question with ``count_attention``
-    "corner", the first low-res token alone (a fixed spot: one cell, one tile)."""
+    "corner", the first low-res token alone (a fixed spot: one cell, one tile), with
+    "corner-boxes" half there and half over the boxes."""
     t = np.zeros((grid, grid))
-    if sample.question.type == "count" and count_attention == "corner":
-        t[0, 0] = 1
-    for box in asked_boxes(sample) if not t.any() else ():
-        t[synthhr.box_mask(box, grid)] = 1
+    corner = sample.question.type == "count" and count_attention != "boxes"
+    if not corner or count_attention == "corner-boxes":
+        for box in asked_boxes(sample):
+            t[synthhr.box_mask(box, grid)] = 1
+    if corner:
+        t = t / max(t.sum(), 1.0)
+        t[0, 0] += 1.0
     return torch.from_numpy(t.reshape(-1) / t.sum()).float()
 
 
@@ -275,8 +279,11 @@ class Recipe:
     # a linear probe asks the hidden state entering layer s, at each pattern answer row, for
     # the colour the question names: the query that selects must carry it (0: off)
     query_weight: float = 0.0
-    # where layer s looks for a count question: "boxes" (all of them) or "corner" (the first
-    # low-res token only; counting reads no high-res detail, so one cell is all it costs)
+    # where layer s looks for a count question: "boxes" (all of them), "corner" (the first
+    # low-res token only; counting reads no high-res detail, so one cell is all it costs) or
+    # "corner-boxes" (half on that token, half spread over the boxes: the selection, which
+    # keeps what is near the map's peak, takes the corner cell, and layer s still reads every
+    # box, which counting needs)
     count_attention: str = "boxes"
     # -log of each pattern answer row's attention (mean over heads) on the colour word of the
     # question, in every layer before s: the colour must reach the query that selects, and a

@@ -67,5 +67,7 @@ def test_route_and_contrast_losses_target_the_named_colour_and_box(tmp_path):
     count = next(s for s in samples if s.question.type == "count")
     corner = attention_target(count, cfg.lr_grid, "corner")
     assert corner[0] == 1 and corner.sum() == 1
+    mixed = attention_target(count, cfg.lr_grid, "corner-boxes")  # half corner, half boxes
+    assert mixed[0] >= 0.5 and (mixed > 0).sum() > 1 and abs(float(mixed.sum()) - 1) < 1e-6
     metrics = trainer.train_step(0)
     assert metrics["route"] > 0 and metrics["contrast"] >= 0
