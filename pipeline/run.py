@@ -202,7 +202,7 @@ def run(config: JobConfig) -> RunSummary:
                            rows_per_file=config.resolved_rows_per_file(to_run))
         # A job of more than one listing block decodes each block in one task, a few rows at
         # a time (Ray Data's streaming repartition into small blocks can hold the CPUs decode
-        # needs: it never wrote a row at 1e6 inputs on 2 CPUs, and it slowed small jobs). A
+        # needs: it never wrote a row at 1e6 inputs on 2 CPUs). A
         # smaller job is cut into decode-sized blocks by Ray tasks first, so that its few rows
         # still decode in parallel.
         if to_run <= inputs.LISTING_BLOCK_ROWS:
