@@ -13,12 +13,19 @@ generate, one after the other, model already loaded; its generation-only rate is
 It runs in a fresh process twice: `plain` (glibc's allocator defaults) and `keep-freed` (with
 `pipeline.predict.keep_freed_memory()`, as the predict actors on CPU). Each gets the whole
 machine.
+
+This machine's speed drifts from minute to minute (the same 192-image pipeline run took 36.9
+and 44.7 s within the hour), so `--repeats N` runs every variant N times, interleaved: each
+round runs the pipelines and the bare loops once, the pipelines first in even rounds and the
+bare loops first in odd ones, so a slow spell weighs on both sides alike. The ratios are
+per round; the summary gives their median and range.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -168,6 +175,27 @@ def pipeline_run(folder: Path, out: Path, model_path: str, batch: int, actors: i
             "cpus_per_actor": cpus_per_actor, "decode_in_actors": decode_in_actors, "cpu_s": cpu}
 
 
+def ratio_summary(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "values": values}
+
+
+def print_round(pipes: dict, bares: dict, ratios: dict, actors: int) -> None:
+    for name, bare in bares.items():
+        print(f"  bare loop, {name}: {bare['wall_s']:.1f} s = {bare['images_per_s']:.2f}"
+              f" images/s (decode {bare['decode_s']:.1f} s + generate"
+              f" {bare['generate_s']:.1f} s; generation alone"
+              f" {bare['generate_only_images_per_s']:.2f} images/s; {bare['cpu_s']:.1f} CPU s)",
+              flush=True)
+    for name, pipe in pipes.items():
+        against = ", ".join(f"{r:.2f} against {b}" for b, r in ratios[name].items())
+        print(f"  pipeline, decode {name}: {pipe['wall_s']:.1f} s ="
+              f" {pipe['images_per_s']:.2f} images/s ({actors} actors, end to end);"
+              f" ratio {against}", flush=True)
+        print(f"    CPU seconds: {pipe['cpu_s']} ({sum(pipe['cpu_s'].values()):.1f} of"
+              f" {os.cpu_count() * pipe['wall_s']:.1f} available)", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     from model_bench import batch_list, bench_parser
 
@@ -184,8 +212,12 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"comma-separated pipeline layouts to run, of {', '.join(LAYOUTS)}"
                         " (default: all)")
     p.add_argument("--model", help="checkpoint directory (default: the tiny demo model)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds per job size, pipelines and bare loops interleaved (see above)")
     args = p.parse_args(argv)
     sizes = args.images
+    if args.repeats < 1:
+        p.error(f"--repeats must be >= 1, got {args.repeats}")
     layouts = args.layouts.split(",")
     if not layouts or any(name not in LAYOUTS for name in layouts):
         p.error(f"--layouts must be a comma-separated list of {', '.join(LAYOUTS)},"
@@ -199,36 +231,48 @@ def main(argv: list[str] | None = None) -> int:
     model_path = args.model or str(demo_model_path())
     runs = []
     for n in sizes:
+        rounds = []
         with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as tmp:
             folder = Path(tmp) / "images"
             folder.mkdir()
             for i, im in enumerate(make_images(n, seed=1)):
                 im.save(folder / f"img_{i:04d}.jpg", quality=90)
-            pipes = {name: pipeline_run(folder, Path(tmp) / f"out-{name}", model_path,
-                                        args.batch_size, args.actors, args.cpus_per_actor,
-                                        args.new_tokens, LAYOUTS[name])
-                     for name in layouts}
-            bares = {name: bare_loop_in_fresh_process(folder, model_path, args.batch_size,
-                                                      args.new_tokens, keep)
-                     for name, keep in BARE_LOOPS.items()}
-        ratios = {name: {bare_name: pipe["images_per_s"] / bare["images_per_s"]
-                         for bare_name, bare in bares.items()}
-                  for name, pipe in pipes.items()}
-        runs.append({"images": n, "pipeline": pipes, "bare_loop": bares, "ratio": ratios})
-        print(f"{n} images:", flush=True)
-        for name, bare in bares.items():
-            print(f"  bare loop, {name}: {bare['wall_s']:.1f} s = {bare['images_per_s']:.2f}"
-                  f" images/s (decode {bare['decode_s']:.1f} s + generate"
-                  f" {bare['generate_s']:.1f} s; generation alone"
-                  f" {bare['generate_only_images_per_s']:.2f} images/s; {bare['cpu_s']:.1f} CPU s)",
-                  flush=True)
-        for name, pipe in pipes.items():
-            against = ", ".join(f"{r:.2f} against {b}" for b, r in ratios[name].items())
-            print(f"  pipeline, decode {name}: {pipe['wall_s']:.1f} s ="
-                  f" {pipe['images_per_s']:.2f} images/s ({args.actors} actors, end to end);"
-                  f" ratio {against}", flush=True)
-            print(f"    CPU seconds: {pipe['cpu_s']} ({sum(pipe['cpu_s'].values()):.1f} of"
-                  f" {os.cpu_count() * pipe['wall_s']:.1f} available)", flush=True)
+            for r in range(args.repeats):
+                def pipes_now(r=r, folder=folder, tmp=tmp):
+                    return {name: pipeline_run(folder, Path(tmp) / f"out-{name}-{r}", model_path,
+                                               args.batch_size, args.actors, args.cpus_per_actor,
+                                               args.new_tokens, LAYOUTS[name])
+                            for name in layouts}
+
+                def bares_now(folder=folder):
+                    return {name: bare_loop_in_fresh_process(folder, model_path, args.batch_size,
+                                                             args.new_tokens, keep)
+                            for name, keep in BARE_LOOPS.items()}
+
+                if r % 2 == 0:
+                    pipes = pipes_now()
+                    bares = bares_now()
+                else:
+                    bares = bares_now()
+                    pipes = pipes_now()
+                ratios = {name: {bare_name: pipe["images_per_s"] / bare["images_per_s"]
+                                 for bare_name, bare in bares.items()}
+                          for name, pipe in pipes.items()}
+                rounds.append({"round": r, "pipeline_first": r % 2 == 0, "pipeline": pipes,
+                               "bare_loop": bares, "ratio": ratios})
+                print(f"{n} images, round {r + 1} of {args.repeats}:", flush=True)
+                print_round(pipes, bares, ratios, args.actors)
+        summary = {name: {bare_name: ratio_summary([rd["ratio"][name][bare_name]
+                                                    for rd in rounds])
+                          for bare_name in BARE_LOOPS}
+                   for name in layouts}
+        runs.append({"images": n, "rounds": rounds, "ratio": summary})
+        if args.repeats > 1:
+            print(f"{n} images, ratio over {args.repeats} rounds (median, min-max):", flush=True)
+            for name, against in summary.items():
+                print(f"  pipeline, decode {name}: " + ", ".join(
+                    f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f}) against {b}"
+                    for b, s in against.items()), flush=True)
     write_json(args.out, {**provenance(commit), "cpus": os.cpu_count(),
                           "batch_size": args.batch_size, "new_tokens": args.new_tokens,
                           "runs": runs})
