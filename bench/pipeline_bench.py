@@ -16,9 +16,10 @@ machine.
 
 This machine's speed drifts from minute to minute (the same 192-image pipeline run took 36.9
 and 44.7 s within the hour), so `--repeats N` runs every variant N times, interleaved: each
-round runs the pipelines and the bare loops once, the pipelines first in even rounds and the
-bare loops first in odd ones, so a slow spell weighs on both sides alike. The ratios are
-per round; the summary gives their median and range.
+round runs the pipelines and the bare loops once, the pipelines first in rounds 1, 3, ... and
+the bare loops first in rounds 2, 4, ..., so a slow spell weighs on both sides alike. The
+ratios are per round; the summary gives their median and range (the JSON's `round` counts
+from 0).
 """
 
 from __future__ import annotations
