@@ -7,7 +7,15 @@ on the same images, already decoded.
 Each size runs the pipeline in both layouts (`--layouts`): `separate`, the default, decodes in
 CPU tasks beside the actors; `in-actors` (`--decode-in-actors`) decodes inside the model actors.
 The pipeline's figure is the whole run (listing, decoding, actor start-up and model load,
-generation, Parquet writes) from the run summary. The bare loop is what a plain script does
+generation, Parquet writes) from the run summary.
+
+`--cluster running` (the default) runs each pipeline as a job on a running local cluster, as
+`ray job submit` finds one: each round starts a head node (`ray start --head`), runs an untimed
+8-image job on it (a long-lived cluster has run jobs before: Ray Data's own helper actors,
+detached, exist by then, and the head's processes have finished starting), then the timed
+jobs, then stops the head. `--cluster fresh` starts Ray inside the bench's process for every
+pipeline run (`ray.init()`), so each figure also pays for Ray Data's helper actors and for
+whatever Ray's processes still do just after they start. The bare loop is what a plain script does
 with the same model and the pipeline's own decode code: read and decode each batch, then
 generate, one after the other, model already loaded; its generation-only rate is reported too.
 It runs in a fresh process twice: `plain` (glibc's allocator defaults) and `keep-freed` (with
@@ -24,13 +32,20 @@ from 0).
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
+import shutil
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,16 +163,81 @@ def cpu_breakdown(before: dict, after: dict) -> dict[str, float]:
 
 
 LAYOUTS = {"separate": False, "in-actors": True}  # name -> JobConfig.decode_in_actors
+CLUSTERS = ("running", "fresh")
+WARM_UP_IMAGES = 8
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_cluster(cpus: int) -> Iterator[str]:
+    """A local head node (`ray start --head --block`, in its own process group) for the
+    duration; yields its GCS address. Stopped, with everything it started, on exit."""
+    ray_cli = Path(sys.executable).with_name("ray")
+    if not ray_cli.exists():
+        ray_cli = Path(shutil.which("ray") or "ray")
+    port = _free_port()
+    temp_dir = Path(os.path.realpath(tempfile.gettempdir())) / f"pb{uuid.uuid4().hex[:6]}"
+    # Token auth with Ray's default token, as `ray.init()` starts a local cluster; a job that
+    # names the address turns it on only when told.
+    auth = {"RAY_AUTH_MODE": "token"}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | auth
+    saved = {k: os.environ.get(k) for k in auth}
+    head = subprocess.Popen(
+        [str(ray_cli), "start", "--head", "--block",
+         f"--port={port}", f"--num-cpus={cpus}", "--include-dashboard=false",
+         f"--temp-dir={temp_dir}", f"--ray-client-server-port={_free_port()}",
+         f"--dashboard-agent-listen-port={_free_port()}",
+         f"--metrics-export-port={_free_port()}", "--disable-usage-stats"],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # the GCS listens first; ray.init then waits for the raylet
+            if head.poll() is not None:
+                raise RuntimeError(f"ray start --head exited with {head.returncode}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError("ray start --head: no GCS after 60 s")
+            time.sleep(0.2)
+        os.environ.update(auth)  # for this process's ray.init
+        yield f"127.0.0.1:{port}"
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if head.poll() is None:
+            head.send_signal(signal.SIGTERM)
+            try:
+                head.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def pipeline_run(folder: Path, out: Path, model_path: str, batch: int, actors: int,
-                 cpus_per_actor: float, new_tokens: int, decode_in_actors: bool) -> dict:
+                 cpus_per_actor: float, new_tokens: int, decode_in_actors: bool,
+                 address: str | None = None) -> dict:
+    """One pipeline job over `folder`: a job on the cluster at `address`, or, without one, on
+    Ray started in this process for the run."""
     import pyarrow.parquet as pq
     import ray
 
     from pipeline import JobConfig, run
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
         sampler = CpuSampler()
         sampler.start()
@@ -173,7 +253,8 @@ def pipeline_run(folder: Path, out: Path, model_path: str, batch: int, actors: i
     assert len(rows) == summary.rows_listed and not any(r["error"] for r in rows), rows[:3]
     return {"images": summary.rows_written, "wall_s": summary.elapsed_s,
             "images_per_s": summary.images_per_s, "actors": actors,
-            "cpus_per_actor": cpus_per_actor, "decode_in_actors": decode_in_actors, "cpu_s": cpu}
+            "cpus_per_actor": cpus_per_actor, "decode_in_actors": decode_in_actors,
+            "cluster": "running" if address else "fresh", "cpu_s": cpu}
 
 
 def ratio_summary(values: list[float]) -> dict:
@@ -213,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"comma-separated pipeline layouts to run, of {', '.join(LAYOUTS)}"
                         " (default: all)")
     p.add_argument("--model", help="checkpoint directory (default: the tiny demo model)")
+    p.add_argument("--cluster", choices=CLUSTERS, default="running",
+                   help="run each pipeline as a job on a running local cluster (the default) or"
+                        " on Ray started in this process for that run (see above)")
     p.add_argument("--repeats", type=int, default=1,
                    help="rounds per job size, pipelines and bare loops interleaved (see above)")
     args = p.parse_args(argv)
@@ -236,14 +320,24 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as tmp:
             folder = Path(tmp) / "images"
             folder.mkdir()
+            warm_up = Path(tmp) / "warm-up"
+            warm_up.mkdir()
             for i, im in enumerate(make_images(n, seed=1)):
                 im.save(folder / f"img_{i:04d}.jpg", quality=90)
+                if i < WARM_UP_IMAGES:
+                    im.save(warm_up / f"img_{i:04d}.jpg", quality=90)
             for r in range(args.repeats):
-                def pipes_now(r=r, folder=folder, tmp=tmp):
-                    return {name: pipeline_run(folder, Path(tmp) / f"out-{name}-{r}", model_path,
-                                               args.batch_size, args.actors, args.cpus_per_actor,
-                                               args.new_tokens, LAYOUTS[name])
-                            for name in layouts}
+                def pipes_now(r=r, folder=folder, warm_up=warm_up, tmp=tmp):
+                    def one(name, address=None, images=folder, out=f"out-{r}"):
+                        return pipeline_run(images, Path(tmp) / f"{out}-{name}", model_path,
+                                            args.batch_size, args.actors, args.cpus_per_actor,
+                                            args.new_tokens, LAYOUTS[name], address)
+
+                    if args.cluster == "fresh":
+                        return {name: one(name) for name in layouts}
+                    with running_cluster(os.cpu_count()) as address:
+                        one(layouts[0], address, warm_up, f"warm-up-{r}")
+                        return {name: one(name, address) for name in layouts}
 
                 def bares_now(folder=folder):
                     return {name: bare_loop_in_fresh_process(folder, model_path, args.batch_size,
@@ -274,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  pipeline, decode {name}: " + ", ".join(
                     f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f}) against {b}"
                     for b, s in against.items()), flush=True)
-    write_json(args.out, {**provenance(commit), "cpus": os.cpu_count(),
+    write_json(args.out, {**provenance(commit), "cpus": os.cpu_count(), "cluster": args.cluster,
                           "batch_size": args.batch_size, "new_tokens": args.new_tokens,
                           "runs": runs})
     return 0
