@@ -7,20 +7,23 @@ on the same images, already decoded.
 Each size runs the pipeline in both layouts (`--layouts`): `separate`, the default, decodes in
 CPU tasks beside the actors; `in-actors` (`--decode-in-actors`) decodes inside the model actors.
 The pipeline's figure is the whole run (listing, decoding, actor start-up and model load,
-generation, Parquet writes) from the run summary.
-
-`--cluster running` (the default) runs each pipeline as a job on a running local cluster, as
-`ray job submit` finds one: each round starts a head node (`ray start --head`), runs an untimed
-8-image job on it (a long-lived cluster has run jobs before: Ray Data's own helper actors,
-detached, exist by then, and the head's processes have finished starting), then the timed
-jobs, then stops the head. `--cluster fresh` starts Ray inside the bench's process for every
-pipeline run (`ray.init()`), so each figure also pays for Ray Data's helper actors and for
-whatever Ray's processes still do just after they start. The bare loop is what a plain script does
+generation, Parquet writes) from the run summary. The bare loop is what a plain script does
 with the same model and the pipeline's own decode code: read and decode each batch, then
 generate, one after the other, model already loaded; its generation-only rate is reported too.
 It runs in a fresh process twice: `plain` (glibc's allocator defaults) and `keep-freed` (with
 `pipeline.predict.keep_freed_memory()`, as the predict actors on CPU). Each gets the whole
 machine.
+
+Where the pipeline runs (`--cluster`):
+- `running` (the default): as a job on a running local cluster, the way `ray job submit` finds
+  one, each job with a driver process of its own. Each round starts a head node
+  (`ray start --head`), runs an untimed 8-image job on it (a long-lived cluster has run jobs
+  before: Ray Data's helper actors, which are detached, exist by then, and the head's own
+  processes have finished starting), then the timed jobs, then stops the head, so the bare
+  loops run with no Ray on the machine.
+- `fresh`: Ray started inside the bench's process for every pipeline run (`ray.init()`), so
+  each figure also pays for starting Ray Data's helper actors and for what Ray's processes
+  still do just after they start.
 
 This machine's speed drifts from minute to minute (the same 192-image pipeline run took 36.9
 and 44.7 s within the hour), so `--repeats N` runs every variant N times, interleaved: each
@@ -94,11 +97,12 @@ def bare_loop(folder: Path, model_path: str, batch: int, new_tokens: int,
             "torch_threads": torch.get_num_threads(), "keep_freed_memory": keep_freed}
 
 
-def bare_loop_in_fresh_process(*args) -> dict:
-    """`bare_loop` in a new interpreter, as a plain script would run: nothing this process
-    allocated before (Ray's driver, the images) shapes its heap."""
+def in_fresh_process(fn, *args) -> dict:
+    """`fn(*args)` in a new interpreter, as a script of its own would run: nothing this
+    process allocated or imported before (Ray's driver, the images) shapes its heap, and it
+    reads the environment as it is now."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(bare_loop, args)
+        return pool.apply(fn, args)
 
 
 def cpu_seconds_by_process() -> dict[int, tuple[str, float]]:
@@ -205,7 +209,7 @@ def running_cluster(cpus: int) -> Iterator[str]:
             if time.monotonic() > deadline:
                 raise RuntimeError("ray start --head: no GCS after 60 s")
             time.sleep(0.2)
-        os.environ.update(auth)  # for this process's ray.init
+        os.environ.update(auth)  # for the jobs' drivers, started from here
         yield f"127.0.0.1:{port}"
     finally:
         for k, v in saved.items():
@@ -329,9 +333,14 @@ def main(argv: list[str] | None = None) -> int:
             for r in range(args.repeats):
                 def pipes_now(r=r, folder=folder, warm_up=warm_up, tmp=tmp):
                     def one(name, address=None, images=folder, out=f"out-{r}"):
-                        return pipeline_run(images, Path(tmp) / f"{out}-{name}", model_path,
-                                            args.batch_size, args.actors, args.cpus_per_actor,
-                                            args.new_tokens, LAYOUTS[name], address)
+                        job = (images, Path(tmp) / f"{out}-{name}", model_path, args.batch_size,
+                               args.actors, args.cpus_per_actor, args.new_tokens,
+                               LAYOUTS[name])
+                        if address is None:
+                            return pipeline_run(*job)
+                        # On a running cluster each job has a driver process of its own, as
+                        # with `ray job submit`.
+                        return in_fresh_process(pipeline_run, *job, address)
 
                     if args.cluster == "fresh":
                         return {name: one(name) for name in layouts}
@@ -340,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                         return {name: one(name, address) for name in layouts}
 
                 def bares_now(folder=folder):
-                    return {name: bare_loop_in_fresh_process(folder, model_path, args.batch_size,
+                    return {name: in_fresh_process(bare_loop, folder, model_path, args.batch_size,
                                                              args.new_tokens, keep)
                             for name, keep in BARE_LOOPS.items()}
 

@@ -146,19 +146,11 @@ def put_inputs(config: InputConfig) -> tuple[list, int]:
     return refs, rows
 
 
-@ray.remote(num_cpus=0)
-def _split_block(block: pa.Table, rows: int):
-    """One listing block as blocks of `rows` rows (copies, so that none holds the whole
-    block's buffers), yielded as they are cut."""
-    for start in range(0, block.num_rows, rows):
-        yield block.take(pa.array(range(start, min(start + rows, block.num_rows))))
-
-
-def cut_blocks(blocks: list, rows: int) -> list:
-    """The refs of `blocks` (listing blocks in the object store) cut into blocks of `rows`
-    rows by Ray tasks; the driver only collects references."""
-    cut = [_split_block.options(num_returns="streaming").remote(b, rows) for b in blocks]
-    return [ref for refs in cut for ref in refs]
+def cut_table(table: pa.Table, rows: int) -> list[pa.Table]:
+    """`table` as tables of `rows` rows, each a copy (a slice would carry, and serialize,
+    the whole table's buffers)."""
+    return [table.take(pa.array(range(start, min(start + rows, table.num_rows))))
+            for start in range(0, table.num_rows, rows)]
 
 
 def done_keys(output: str, key_columns: tuple[str, ...], task: str) -> DoneKeys:
@@ -202,12 +194,17 @@ def run(config: JobConfig) -> RunSummary:
                            rows_per_file=config.resolved_rows_per_file(to_run))
         # A job of more than one listing block decodes each block in one task, a few rows at
         # a time (Ray Data's streaming repartition into small blocks can hold the CPUs decode
-        # needs: it never wrote a row at 1e6 inputs on 2 CPUs). A
-        # smaller job is cut into decode-sized blocks by Ray tasks first, so that its few rows
-        # still decode in parallel.
+        # needs: it never wrote a row at 1e6 inputs on 2 CPUs). A smaller job (one listing
+        # block) is cut into decode-sized blocks here, so that its few rows still decode in
+        # parallel; `from_blocks` reads their row counts and schema on this process, where
+        # `from_arrow_refs` runs a Ray task per block for them (1.7 s before anything started
+        # in a 192-image job, with cutting in Ray tasks).
         if to_run <= inputs.LISTING_BLOCK_ROWS:
-            blocks = cut_blocks(blocks, config.decode_rows_per_task)
-        ds = ray.data.from_arrow_refs(blocks)
+            small = [t for ref in blocks for t in cut_table(ray.get(ref),
+                                                             config.decode_rows_per_task)]
+            ds = ray.data.from_blocks(small)
+        else:
+            ds = ray.data.from_arrow_refs(blocks)
         # A write is I/O bound: a quarter CPU keeps it from waiting behind long decode tasks
         # and the actors on a small machine, and one at a time keeps Ray from starting a
         # worker process per quarter CPU (8 CPU s more in a 192-image job on 2 CPUs).
