@@ -76,7 +76,7 @@ def bare_loop(folder: Path, model_path: str, batch: int, new_tokens: int,
     model = load_model(model_path, device="cpu")
     prompt = llava_v1_prompt("Describe this remote sensing image in detail.")
     decode_s = generate_s = 0.0
-    cpu_start = time.process_time()
+    cpu_start, steal_start = time.process_time(), stolen_seconds()
     with torch.inference_mode():
         for i in range(0, len(paths), batch):
             t0 = time.perf_counter()
@@ -92,6 +92,7 @@ def bare_loop(folder: Path, model_path: str, batch: int, new_tokens: int,
     wall = decode_s + generate_s
     return {"images": len(paths), "wall_s": wall, "images_per_s": len(paths) / wall,
             "cpu_s": round(time.process_time() - cpu_start, 1),
+            "stolen_s": round(stolen_seconds() - steal_start, 1),
             "decode_s": decode_s, "generate_s": generate_s,
             "generate_only_images_per_s": len(paths) / generate_s,
             "torch_threads": torch.get_num_threads(), "keep_freed_memory": keep_freed}
@@ -103,6 +104,17 @@ def in_fresh_process(fn, *args) -> dict:
     reads the environment as it is now."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(fn, args)
+
+
+def stolen_seconds() -> float:
+    """CPU seconds the hypervisor has given to others while this machine's CPUs wanted to
+    run (steal time, all CPUs, since boot; 0 where /proc/stat has none). On a shared virtual
+    machine this is what makes the same run take 26 s or 38 s; each figure records it."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return 0.0
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
 
 
 def cpu_seconds_by_process() -> dict[int, tuple[str, float]]:
@@ -243,7 +255,7 @@ def pipeline_run(folder: Path, out: Path, model_path: str, batch: int, actors: i
     else:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
-        sampler = CpuSampler()
+        sampler, steal_start = CpuSampler(), stolen_seconds()
         sampler.start()
         summary = run(JobConfig(input=str(folder), output=str(out), model=model_path,
                                 batch_size=batch, actors=(actors, actors),
@@ -251,6 +263,7 @@ def pipeline_run(folder: Path, out: Path, model_path: str, batch: int, actors: i
                                 max_new_tokens=new_tokens, overwrite=True,
                                 decode_in_actors=decode_in_actors))
         cpu = sampler.finish()
+        stolen = round(stolen_seconds() - steal_start, 1)
     finally:
         ray.shutdown()
     rows = pq.read_table(out, columns=["id", "error"]).to_pylist()
@@ -258,7 +271,7 @@ def pipeline_run(folder: Path, out: Path, model_path: str, batch: int, actors: i
     return {"images": summary.rows_written, "wall_s": summary.elapsed_s,
             "images_per_s": summary.images_per_s, "actors": actors,
             "cpus_per_actor": cpus_per_actor, "decode_in_actors": decode_in_actors,
-            "cluster": "running" if address else "fresh", "cpu_s": cpu}
+            "cluster": "running" if address else "fresh", "cpu_s": cpu, "stolen_s": stolen}
 
 
 def ratio_summary(values: list[float]) -> dict:
@@ -271,7 +284,8 @@ def print_round(pipes: dict, bares: dict, ratios: dict, actors: int) -> None:
         print(f"  bare loop, {name}: {bare['wall_s']:.1f} s = {bare['images_per_s']:.2f}"
               f" images/s (decode {bare['decode_s']:.1f} s + generate"
               f" {bare['generate_s']:.1f} s; generation alone"
-              f" {bare['generate_only_images_per_s']:.2f} images/s; {bare['cpu_s']:.1f} CPU s)",
+              f" {bare['generate_only_images_per_s']:.2f} images/s; {bare['cpu_s']:.1f} CPU s;"
+              f" {bare['stolen_s']:.1f} s stolen)",
               flush=True)
     for name, pipe in pipes.items():
         against = ", ".join(f"{r:.2f} against {b}" for b, r in ratios[name].items())
@@ -279,7 +293,8 @@ def print_round(pipes: dict, bares: dict, ratios: dict, actors: int) -> None:
               f" {pipe['images_per_s']:.2f} images/s ({actors} actors, end to end);"
               f" ratio {against}", flush=True)
         print(f"    CPU seconds: {pipe['cpu_s']} ({sum(pipe['cpu_s'].values()):.1f} of"
-              f" {os.cpu_count() * pipe['wall_s']:.1f} available)", flush=True)
+              f" {os.cpu_count() * pipe['wall_s']:.1f} available; {pipe['stolen_s']:.1f} s"
+              " stolen)", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
