@@ -73,7 +73,11 @@ def job_parser(prog: str, doc: str, *, default_input: str, default_output: str,
                         " stages): faster on CPU-only clusters whose actors fill every core")
     p.add_argument("--rows-per-file", type=int, default=None, metavar="N",
                    help="rows bundled into each output Parquet file (default: about 1%% of the "
-                        "rows to run, at least one batch, at most 500)")
+                        "rows to run, at least one batch, at most 500); a file is written "
+                        "sooner when its rows have waited --flush-seconds")
+    p.add_argument("--flush-seconds", type=float, default=d.flush_seconds, metavar="S",
+                   help="the longest an answered row waits before it is written: a job killed "
+                        "at any moment loses at most about this much work (default: %(default)s)")
     p.add_argument("--max-error-fraction", type=float, default=d.max_error_fraction,
                    metavar="F",
                    help="exit 1 after writing everything when more than this share of the rows "

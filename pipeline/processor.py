@@ -232,8 +232,10 @@ class Processor:
             **actor_args,
         )
         if config.task.finalize is not None:
+            # No CPU asked, as for the write it feeds: a stage after the model that asks for
+            # a CPU gets no budget while decode and the actors hold every CPU.
             ds = ds.map_batches(config.task.finalize, batch_size=None, batch_format="pyarrow",
-                                udf_modifying_row_count=False)
+                                udf_modifying_row_count=False, num_cpus=0)
         if self.postprocess is not None:
             ds = ds.map(self.postprocess)
         return ds

@@ -35,12 +35,18 @@ from pipeline.resume import DoneKeys, drop_done_blocks, drop_written, prepare_ou
 from pipeline.storage import open_fs, to_uri
 from pipeline.summary import RunSummary
 from pipeline.tasks import CAPTION, Task
-from pipeline.write import ParquetSink
+from pipeline.write import DEFAULT_FLUSH_SECONDS, ParquetSink
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["JobConfig", "add_task_columns", "build_dataset", "parse_actors", "run"]
 
+# The write tasks ask for no CPU. Ray Data's resource allocator reserves CPUs for operators
+# from upstream down (ReservationOpResourceAllocator): decode's tasks and the model actors took
+# both CPUs of a 2-CPU machine, so a write that asked for any CPU had no budget until decode
+# had finished every input (docs/DESIGN.md, "Durable writes"). A write is I/O, and one at a
+# time keeps Ray from starting a worker per write.
+WRITE_ARGS = {"num_cpus": 0}
 MAX_ROWS_PER_FILE = 500  # automatic --rows-per-file: at most this many rows per Parquet file
 FILES_PER_RUN = 100  # ... and about this many files for smaller runs (at least a batch each)
 
@@ -85,6 +91,7 @@ class JobConfig:
     decode_in_actors: bool = False
     overrides: dict = field(default_factory=dict)  # run-time model options (e.g. threshold)
     rows_per_file: int | None = None  # None: about 1% of the rows to run, 1 batch to 500
+    flush_seconds: float = DEFAULT_FLUSH_SECONDS  # the longest an answer waits to be written
     max_error_fraction: float = 1.0  # the job fails (exit 1) above this share of error rows
 
     def __post_init__(self) -> None:
@@ -95,6 +102,8 @@ class JobConfig:
         parse_actors(",".join(map(str, self.actors)))
         if self.rows_per_file is not None and self.rows_per_file < 1:
             raise ValueError(f"--rows-per-file must be >= 1, got {self.rows_per_file}")
+        if not self.flush_seconds > 0:
+            raise ValueError(f"--flush-seconds must be > 0, got {self.flush_seconds}")
         if not 0.0 <= self.max_error_fraction <= 1.0:
             raise ValueError(
                 f"--max-error-fraction must be between 0 and 1, got {self.max_error_fraction}")
@@ -191,7 +200,8 @@ def run(config: JobConfig) -> RunSummary:
     stats: dict = {}
     if to_run:
         sink = ParquetSink(config.output, output_schema(task.extra_fields), task.key_columns,
-                           rows_per_file=config.resolved_rows_per_file(to_run))
+                           rows_per_file=config.resolved_rows_per_file(to_run),
+                           flush_seconds=config.flush_seconds).start()
         # A job of more than one listing block decodes each block in one task, a few rows at
         # a time (Ray Data's streaming repartition into small blocks can hold the CPUs decode
         # needs: it never wrote a row at 1e6 inputs on 2 CPUs). A smaller job (at most one
@@ -210,7 +220,7 @@ def run(config: JobConfig) -> RunSummary:
         # worker process per quarter CPU (8 CPU s more in a 192-image job on 2 CPUs).
         build_dataset(config, ds, None if keyed_at_listing else done,
                       split_blocks=False).write_datasink(sink, concurrency=1,
-                                                        ray_remote_args={"num_cpus": 0.25})
+                                                        ray_remote_args={"num_cpus": 0})
         stats = sink.stats or {}
     summary = RunSummary.from_stats(
         stats,

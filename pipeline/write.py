@@ -1,10 +1,19 @@
 """Stage 4, write: Parquet files with the stable output schema, committed atomically.
 
 `ParquetSink` is a Ray Data `Datasink` (`ds.write_datasink(sink)`). Each write task conforms
-its blocks to the schema and writes one file, named after a hash of the keys it holds, so a
-retried task rewrites the same file instead of adding a duplicate. `rows_per_file` makes Ray
-Data bundle at least that many rows into each write (the last one may hold fewer): fewer,
-larger files for resume to read, against rows that wait longer to be committed.
+its blocks to the schema. Files are named after a hash of the keys they hold, so a retried
+write rewrites the same file instead of adding a duplicate.
+
+- Unbuffered (the default for a user's own `write_datasink`): each write task writes its
+  blocks as one file; `rows_per_file` makes Ray Data bundle at least that many rows into each
+  write, with no bound on how long they wait for it.
+- Buffered (`pipeline.run`, after `sink.start()`): write tasks hand their rows to one
+  `RowBuffer` actor of the job, which writes a file once it holds `rows_per_file` rows or its
+  oldest row has waited `flush_seconds`, and writes the very first rows at once. So answers
+  are durable within `flush_seconds` of being answered, however slowly they come, and files
+  still hold up to `rows_per_file` rows when they come fast. A kill loses at most the rows in
+  the buffer (see docs/DESIGN.md, "Durable writes"). The actor asks for no CPU, as the write
+  tasks do: a write never waits for a CPU that decode or the model holds.
 
 - local paths: written to a hidden `.part-*.tmp` file, then renamed into place;
 - object storage: uploaded straight to the final key (an object only appears once its
@@ -19,13 +28,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import posixpath
+import threading
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import ray
 from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
 from ray.data.datasource.datasink import WriteResult
@@ -39,6 +51,7 @@ STAGE = "write"
 PART_PREFIX = "part-"
 PARQUET_SUFFIX = ".parquet"
 TMP_SUFFIX = ".tmp"
+DEFAULT_FLUSH_SECONDS = 60.0  # --flush-seconds: the longest an answer waits to be written
 
 
 def part_name(table: pa.Table, key_columns: tuple[str, ...]) -> str:
@@ -107,22 +120,120 @@ def merge_stats(parts: Iterable[dict[str, Any]]) -> dict[str, Any]:
     return total
 
 
+class RowBuffer:
+    """Answered rows on their way to Parquet: `add` appends a conformed table and writes a
+    file when `rows_per_file` rows are held (and at the first add, so a job's first answers
+    are on disk at once); `tick` writes the rows once the oldest has waited `flush_seconds`;
+    `close` writes the rest and returns the merged stats. A table added twice (a retried
+    write task: same `token`) is taken once. Thread-safe; `clock` is for tests."""
+
+    def __init__(self, output: str, key_columns: tuple[str, ...], rows_per_file: int,
+                 flush_seconds: float, clock: Callable[[], float] = time.monotonic):
+        self.output, self.key_columns = output, key_columns
+        self.rows_per_file, self.flush_seconds, self.clock = rows_per_file, flush_seconds, clock
+        self.tables: list[pa.Table] = []
+        self.rows = 0
+        self.oldest: float | None = None  # when the oldest buffered row arrived
+        self.tokens: set[str] = set()
+        self.stats: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        self.closed = False
+
+    def add(self, table: pa.Table, token: str) -> int:
+        """Buffer `table`; returns the rows now buffered (0 after a write)."""
+        with self.lock:
+            if self.closed:
+                raise RuntimeError("write buffer is closed")
+            if token in self.tokens or not table.num_rows:
+                return self.rows
+            self.tables.append(table)
+            self.rows += table.num_rows
+            self.tokens.add(token)
+            if self.oldest is None:
+                self.oldest = self.clock()
+            if self.rows >= self.rows_per_file or not self.stats:
+                self._flush()
+            return self.rows
+
+    def tick(self) -> bool:
+        """Write the buffer if its oldest row has waited `flush_seconds`; True if it did."""
+        with self.lock:
+            if self.oldest is None or self.clock() - self.oldest < self.flush_seconds:
+                return False
+            self._flush()
+            return True
+
+    def close(self) -> dict[str, Any]:
+        with self.lock:
+            if self.rows:
+                self._flush()
+            self.closed = True
+            return merge_stats(self.stats)
+
+    def _flush(self) -> None:
+        # The rows stay buffered until the file is whole: a failed write loses nothing here.
+        table = pa.concat_tables(self.tables)
+        uri = write_table(table, self.output, part_name(table, self.key_columns))
+        stats = batch_stats(table)
+        stats["files"] = [uri]
+        self.stats.append(stats)
+        logger.info("write: %d rows -> %s", table.num_rows, uri)
+        self.tables, self.rows, self.oldest = [], 0, None
+
+
+class _BufferActor(RowBuffer):
+    """`RowBuffer` as the job's write actor, with a thread that calls `tick`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.failure: BaseException | None = None
+        period = min(1.0, self.flush_seconds / 4)
+        threading.Thread(target=self._ticker, args=(period,), daemon=True).start()
+
+    def _ticker(self, period: float) -> None:
+        while not self.closed:
+            time.sleep(period)
+            try:
+                self.tick()
+            except Exception as exc:  # reported by the next add or close
+                logger.exception("timed write failed")
+                self.failure = exc
+
+    def add(self, table: pa.Table, token: str) -> int:
+        if self.failure is not None:
+            raise self.failure
+        return super().add(table, token)
+
+
 class ParquetSink(Datasink[dict]):
     """Ray Data datasink writing the output schema to `output` (local path or URI)."""
 
     def __init__(self, output: str, schema: pa.Schema, key_columns: tuple[str, ...] = ("id",),
-                 rows_per_file: int | None = None):
+                 rows_per_file: int | None = None,
+                 flush_seconds: float = DEFAULT_FLUSH_SECONDS):
         if rows_per_file is not None and rows_per_file < 1:
             raise ValueError(f"--rows-per-file must be >= 1, got {rows_per_file}")
+        if not flush_seconds > 0:
+            raise ValueError(f"--flush-seconds must be > 0, got {flush_seconds}")
         self.output = output
         self.schema = schema
         self.key_columns = key_columns
         self.rows_per_file = rows_per_file
+        self.flush_seconds = flush_seconds
+        self.buffer = None  # the RowBuffer actor, once start() made it
         self.stats: dict[str, Any] | None = None  # set on the driver when the write completes
 
     @property
     def min_rows_per_write(self) -> int | None:
-        return self.rows_per_file
+        return None if self.buffer is not None else self.rows_per_file
+
+    def start(self) -> ParquetSink:
+        """Buffer the rows in a `RowBuffer` actor of this job (on the driver, before the
+        write); returns the sink."""
+        actor = ray.remote(num_cpus=0, max_restarts=0)(_BufferActor)
+        self.buffer = actor.remote(self.output, self.key_columns, self.rows_per_file or 1,
+                                   self.flush_seconds)
+        return self
 
     def on_write_start(self, schema: pa.Schema | None = None) -> None:
         fs, root = open_fs(self.output)
@@ -136,6 +247,9 @@ class ParquetSink(Datasink[dict]):
         table = pa.concat_tables(tables, promote_options="permissive")
         require_columns(STAGE, table, self.key_columns)
         table = conform(table, self.schema)
+        if self.buffer is not None:
+            ray.get(self.buffer.add.remote(table, part_name(table, self.key_columns)))
+            return {}
         uri = write_table(table, self.output, part_name(table, self.key_columns))
         stats = batch_stats(table)
         stats["files"] = [uri]
@@ -143,7 +257,25 @@ class ParquetSink(Datasink[dict]):
         return stats
 
     def on_write_complete(self, write_result: WriteResult[dict]) -> None:
-        self.stats = merge_stats(write_result.write_returns)
+        parts = list(write_result.write_returns)
+        if self.buffer is not None:
+            parts.append(self._close_buffer())
+        self.stats = merge_stats(parts)
+
+    def on_write_failed(self, error: Exception) -> None:
+        """Keep what was answered: the buffered rows are written before the job fails."""
+        if self.buffer is not None:
+            try:
+                self.stats = merge_stats([self._close_buffer()])
+            except Exception:  # the job's own error is the one to raise
+                logger.exception("could not write the buffered rows after the job failed")
+
+    def _close_buffer(self) -> dict[str, Any]:
+        buffer, self.buffer = self.buffer, None
+        try:
+            return ray.get(buffer.close.remote())
+        finally:
+            ray.kill(buffer)
 
     def get_name(self) -> str:
         return "WriteParquet"
