@@ -6,12 +6,15 @@ write -> summary.
 `run(config)` needs a connected Ray (`ray.init()`), returns the `RunSummary` and writes it as
 `_summary.json` beside the Parquet files.
 
-Scale: the driver lists the inputs and puts them into the object store in a few large blocks
-(`pipeline.inputs.LISTING_BLOCK_ROWS` rows each); resume filters those blocks in Ray tasks
-against the written keys, which a Ray task read (`pipeline.resume`); each block is then one
-decode task that hands on a few rows at a time, or, in a job of at most one block's rows,
-Ray tasks cut the blocks into decode-sized ones first. The driver holds one block at a time, the
-manifest ids (duplicate check) and object references.
+Scale: a manifest (keyed by id, no --limit) is listed in the cluster by Ray Data read tasks
+(`pipeline.listing`), which drop the ids already written as they read: the driver holds no
+per-input state. Other inputs (folders, globs, --limit, tasks keyed after decode) are listed
+by the driver into the object store in blocks of `pipeline.inputs.LISTING_BLOCK_ROWS` rows and
+filtered by Ray tasks (`pipeline.resume`). Either way a large block is one decode task that
+hands on `decode_rows_per_task` rows at a time, and the first rows are cut into decode-sized
+blocks so that a small job decodes in parallel. Answers go to Parquet through the sink's
+buffer (`pipeline.write`): the first at once, then every `rows_per_file` rows or
+`flush_seconds`, whichever comes first.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from pipeline import inputs
 from pipeline.columns import output_schema
 from pipeline.decode import DEFAULT_MAX_PIXELS
 from pipeline.inputs import InputConfig, iter_inputs
+from pipeline.listing import manifest_files, read_manifest_inputs
 from pipeline.predict import DEMO_MODEL
 from pipeline.processor import Processor, ProcessorConfig, add_task_columns
 from pipeline.resume import DoneKeys, drop_done_blocks, drop_written, prepare_output
@@ -47,6 +51,10 @@ __all__ = ["JobConfig", "add_task_columns", "build_dataset", "parse_actors", "ru
 # had finished every input (docs/DESIGN.md, "Durable writes"). A write is I/O, and one at a
 # time keeps Ray from starting a worker per write.
 WRITE_ARGS = {"num_cpus": 0}
+# Listing blocks with --decode-in-actors: decode and predict run in one actor task per block,
+# which hands its answers on when the block is done (64 rows: a few batches).
+IN_ACTOR_BLOCK_ROWS = 64
+DECODED_BLOCK_CAP = 128 * 1024**2  # Ray Data's own default target block size
 MAX_ROWS_PER_FILE = 500  # automatic --rows-per-file: at most this many rows per Parquet file
 FILES_PER_RUN = 100  # ... and about this many files for smaller runs (at least a batch each)
 
@@ -181,6 +189,43 @@ def build_dataset(config: JobConfig, todo, done: pa.Table | DoneKeys | None = No
                      split_blocks=split_blocks)(ds)
 
 
+def _listed_inputs(config: JobConfig, done: DoneKeys):
+    """(Dataset of the inputs to run, rows listed, rows skipped, rows to run); the counts are
+    None when the listing streams (`pipeline.listing`: a manifest, keyed by id, no --limit),
+    and then come from `listing.totals()` after the run (the fifth element, else None)."""
+    task = config.task
+    keyed_at_listing = task.key_columns == ("id",)
+    files = manifest_files(config.input_config()) if keyed_at_listing and config.limit is None \
+        else None
+    if files is not None:
+        ds, source = read_manifest_inputs(files, done.ref, "id", config.decode_rows_per_task,
+                                          IN_ACTOR_BLOCK_ROWS if config.decode_in_actors
+                                          else inputs.LISTING_BLOCK_ROWS)
+        return ds, None, None, None, source
+    blocks, listed = put_inputs(config.input_config())
+    if keyed_at_listing:
+        blocks, to_run = drop_done_blocks(blocks, listed, done)
+        skipped = listed - to_run
+    else:
+        to_run, skipped = listed, done.rows
+    # A job of more than one listing block decodes each block in one task, a few rows at a
+    # time (Ray Data's streaming repartition into small blocks can hold the CPUs decode needs:
+    # it never wrote a row at 1e6 inputs on 2 CPUs). A smaller job (at most one listing
+    # block's rows) is cut into decode-sized blocks here, so that its few rows still decode in
+    # parallel; `from_blocks` reads their row counts and schema on this process, where
+    # `from_arrow_refs` runs a Ray task per block for them.
+    # With --decode-in-actors an actor answers a whole block before it hands any row on, so
+    # its blocks stay small at every size.
+    if config.decode_in_actors or to_run <= inputs.LISTING_BLOCK_ROWS:
+        rows = IN_ACTOR_BLOCK_ROWS if to_run > inputs.LISTING_BLOCK_ROWS \
+            else config.decode_rows_per_task
+        small = [t for ref in blocks for t in cut_table(ray.get(ref), rows)]
+        ds = ray.data.from_blocks(small) if small else None
+    else:
+        ds = ray.data.from_arrow_refs(blocks)
+    return ds, listed, skipped, to_run, None
+
+
 def run(config: JobConfig) -> RunSummary:
     """Run the job to completion; rerunning with the same output only does what is missing."""
     start = time.perf_counter()
@@ -188,40 +233,39 @@ def run(config: JobConfig) -> RunSummary:
     config.check_cpu_budget()
     task = config.task
     prepare_output(config.output, config.overwrite)
-    blocks, listed = put_inputs(config.input_config())
     done = done_keys(config.output, task.key_columns, task.name)
-    keyed_at_listing = task.key_columns == ("id",)
-    if keyed_at_listing:
-        blocks, to_run = drop_done_blocks(blocks, listed, done)
-        skipped = listed - to_run
+    ds, listed, skipped, to_run, streamed = _listed_inputs(config, done)
+    if streamed is None:
+        logger.info("%d inputs, %d already written, %d to run", listed, skipped, to_run)
     else:
-        to_run, skipped = listed, done.rows
-    logger.info("%d inputs, %d already written, %d to run", listed, skipped, to_run)
+        logger.info("listing %s in the cluster, %d already written", config.input, done.rows)
     stats: dict = {}
-    if to_run:
+    if ds is not None:
+        rows_per_file = config.resolved_rows_per_file(to_run or 0) if to_run is not None \
+            else config.rows_per_file or MAX_ROWS_PER_FILE
         sink = ParquetSink(config.output, output_schema(task.extra_fields), task.key_columns,
-                           rows_per_file=config.resolved_rows_per_file(to_run),
+                           rows_per_file=rows_per_file,
                            flush_seconds=config.flush_seconds).start()
-        # A job of more than one listing block decodes each block in one task, a few rows at
-        # a time (Ray Data's streaming repartition into small blocks can hold the CPUs decode
-        # needs: it never wrote a row at 1e6 inputs on 2 CPUs). A smaller job (at most one
-        # listing block's rows) is cut into decode-sized blocks here, so that its few rows
-        # still decode in parallel; `from_blocks` reads their row counts and schema on this
-        # process, where `from_arrow_refs` runs a Ray task per block for them (with the cut
-        # in Ray tasks too, a 192-image job took 1.8 s to reach its plan; now 0.3 s).
-        if to_run <= inputs.LISTING_BLOCK_ROWS:
-            small = [t for ref in blocks for t in cut_table(ray.get(ref),
-                                                             config.decode_rows_per_task)]
-            ds = ray.data.from_blocks(small)
-        else:
-            ds = ray.data.from_arrow_refs(blocks)
-        # A write is I/O bound: a quarter CPU keeps it from waiting behind long decode tasks
-        # and the actors on a small machine, and one at a time keeps Ray from starting a
-        # worker process per quarter CPU (8 CPU s more in a 192-image job on 2 CPUs).
-        build_dataset(config, ds, None if keyed_at_listing else done,
-                      split_blocks=False).write_datasink(sink, concurrency=1,
-                                                        ray_remote_args={"num_cpus": 0})
+        keyed_after_decode = task.key_columns != ("id",)
+        ds = build_dataset(config, ds, done if keyed_after_decode else None, split_blocks=False)
+        # Blocks of decode_rows_per_task decoded images: Ray Data's default (128 MiB) would
+        # put ~40 of them in a block, and an actor answers a block's rows before it hands any
+        # of them on; with a block a batch, answers reach the write one batch at a time.
+        ds.context.target_max_block_size = min(
+            ds.context.target_max_block_size or DECODED_BLOCK_CAP,
+            config.decode_rows_per_task * config.image_size ** 2 * 3)
+        # The write asks for no CPU (WRITE_ARGS) and hands its rows to the sink's buffer.
+        ds.write_datasink(sink, concurrency=1, ray_remote_args=dict(WRITE_ARGS))
         stats = sink.stats or {}
+    if streamed is not None:
+        listed, skipped, repeated = streamed.totals()
+        logger.info("%d inputs, %d already written, %d run", listed, skipped, listed - skipped)
+        if not listed:
+            raise ValueError(f"--input {config.input!r}: the manifest has no rows")
+        if repeated:
+            raise ValueError(
+                f"--input manifest {config.input!r}: {repeated} ids appear in more than one "
+                "manifest file (duplicate ids); each was answered once per file")
     summary = RunSummary.from_stats(
         stats,
         elapsed_s=time.perf_counter() - start,

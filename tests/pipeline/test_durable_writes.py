@@ -4,6 +4,7 @@ the write buffer's flush rules (rows, time, first rows at once, retried writes t
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 
@@ -72,44 +73,81 @@ def test_buffer_keeps_rows_when_a_write_fails(tmp_path):
 
 
 @pytest.mark.slow
-def test_first_file_is_written_while_a_long_decode_block_is_still_running(
+def test_answers_are_written_while_a_long_decode_block_is_still_running(
         ray_local, demo_model, tmp_path, monkeypatch):
     """On 2 CPUs one decode task holds a CPU for its whole listing block and the model actor
-    holds the other. Row 80 of the first block is a named pipe, so that block's decode task
-    cannot end until the test writes to it: the test only does so once a Parquet file is
-    there (or after 120 s, and then fails). Before the fix the write had no CPU budget until
-    decode finished, so no file came."""
-    monkeypatch.setattr("pipeline.inputs.LISTING_BLOCK_ROWS", 100)  # 150 inputs -> 2 blocks
+    holds the other. Row 150 (in the second listing block, decoded in one task) is a named
+    pipe, so that block's decode task cannot end until the test writes to it: the test only
+    does so once answers from that block are in a Parquet file (or after 150 s, and then
+    fails). Before the fix the write had no CPU budget until decode finished: no file came."""
+    monkeypatch.setattr("pipeline.inputs.LISTING_BLOCK_ROWS", 100)  # 200 inputs -> 2 blocks
     images = tmp_path / "img"
     images.mkdir()
     noise_image(64, 48, seed=1).save(images / "a.png")
     fifo = images / "slow.png"
     os.mkfifo(fifo)
-    uris = ["img/slow.png" if i == 80 else "img/a.png" for i in range(150)]
-    ids = [f"r{i:03d}" for i in range(150)]
+    uris = ["img/slow.png" if i == 150 else "img/a.png" for i in range(200)]
+    ids = [f"r{i:03d}" for i in range(200)]
     pq.write_table(pa.table({"id": ids, "image_uri": uris}), tmp_path / "manifest.parquet")
     out = tmp_path / "out"
     config = JobConfig(input=str(tmp_path / "manifest.parquet"), output=str(out),
                        model=str(demo_model), max_new_tokens=1, batch_size=4,
-                       memory_per_actor_gb=0.5)
+                       memory_per_actor_gb=0.5, flush_seconds=5)
     result: dict = {}
     job = threading.Thread(target=lambda: result.setdefault("summary", run(config)))
     job.start()
-    start, first_file_s = time.monotonic(), None
+    start, seen_s = time.monotonic(), None
     try:
-        while time.monotonic() - start < 120 and job.is_alive():
-            if list(out.glob("part-*.parquet")):
-                first_file_s = time.monotonic() - start
-                break
+        while time.monotonic() - start < 150 and job.is_alive() and seen_s is None:
             time.sleep(0.5)
+            for path in out.glob("part-*.parquet"):
+                if any(i >= "r100" for i in pq.read_table(path).column("id").to_pylist()):
+                    seen_s = time.monotonic() - start
     finally:
         with open(fifo, "wb") as f:  # lets the blocked decode task go on
             f.write((images / "a.png").read_bytes())
         job.join(timeout=300)
-    assert first_file_s is not None, "no Parquet file while the first decode block ran"
+    assert seen_s is not None, "no answer of the long decode block was written while it ran"
     summary = result["summary"]
-    assert summary.rows_written == 150
+    assert (summary.rows_listed, summary.rows_written) == (200, 200)
     table = pq.read_table(out)
     assert sorted(table.column("id").to_pylist()) == ids  # each input exactly once
     errors = {r["id"]: r["error_stage"] for r in table.to_pylist() if r["error"]}
-    assert set(errors) <= {"r080"}  # the pipe, if its reader could not seek it
+    assert set(errors) <= {"r150"}  # the pipe, if its reader could not seek it
+
+
+def _manifest_shards(folder, ids_per_shard: list[list[str]], image: str) -> None:
+    folder.mkdir()
+    for n, ids in enumerate(ids_per_shard):
+        pq.write_table(pa.table({"id": ids, "image_uri": [image] * len(ids)}),
+                       folder / f"part-{n}.parquet")
+
+
+@pytest.mark.slow
+def test_manifest_is_listed_in_the_cluster_and_resumed_there(ray_local, demo_model, tmp_path,
+                                                            monkeypatch):
+    """A manifest never passes through the driver: listing it there fails this test. Resume
+    and the counts of the summary come from the read tasks; ids repeated across shards fail
+    the run after it (each answered once per shard)."""
+    def no_driver_listing(*args, **kwargs):
+        raise AssertionError("the driver listed the manifest")
+
+    monkeypatch.setattr(sys.modules["pipeline.run"], "put_inputs", no_driver_listing)
+    noise_image(64, 48, seed=2).save(tmp_path / "a.png")
+    _manifest_shards(tmp_path / "m", [[f"s0-{i}" for i in range(5)],
+                                      [f"s1-{i}" for i in range(4)]], str(tmp_path / "a.png"))
+    out = tmp_path / "out"
+    base = {"input": str(tmp_path / "m"), "output": str(out), "model": str(demo_model),
+            "max_new_tokens": 1, "batch_size": 2, "memory_per_actor_gb": 0.5}
+    first = run(JobConfig(**base, limit=None, decode_in_actors=True))
+    assert (first.rows_listed, first.rows_skipped, first.rows_written) == (9, 0, 9)
+    pq.write_table(pa.table({"id": ["s2-0", "s2-1"], "image_uri": [str(tmp_path / "a.png")] * 2}),
+                   tmp_path / "m" / "part-2.parquet")
+    second = run(JobConfig(**base))
+    assert (second.rows_listed, second.rows_skipped, second.rows_written) == (11, 9, 2)
+    ids = pq.read_table(out).column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 11  # each input exactly once
+    pq.write_table(pa.table({"id": ["s0-1", "new"], "image_uri": [str(tmp_path / "a.png")] * 2}),
+                   tmp_path / "m" / "part-3.parquet")
+    with pytest.raises(ValueError, match="1 ids appear in more than one manifest file"):
+        run(JobConfig(**base))

@@ -1,0 +1,138 @@
+"""Listing in the cluster: a manifest read by Ray Data read tasks, so that the driver holds no
+per-input state however many inputs there are.
+
+`pipeline.run` uses this for a manifest input (a file, or a folder of shards) when the job's
+rows are keyed by `id` and no `--limit` is set: one read task per manifest file, one running
+at a time in listing order, each reading its file piece by piece (`pipeline.inputs
+.iter_manifest`), dropping the ids already written (read from the object store, where
+`pipeline.resume.DoneKeys` put them), and handing on blocks of `LISTING_BLOCK_ROWS` rows (fewer
+with `--decode-in-actors`, see `pipeline.run`); the first such block of the whole listing is cut into decode-sized blocks, so that a small job's
+rows decode in parallel and a large job's first answers come early. The read tasks ask for no
+CPU (they mostly wait for decode to take their blocks) and report their counts, and a 64-bit
+hash of each id, to one `Tally` actor: the driver reads the totals for the run summary, and
+the ids are checked for duplicates across shards there (within a shard the read task checks
+them itself, as `iter_inputs` does).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import ray
+from pandas.util import hash_array
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from pipeline import inputs
+from pipeline.inputs import InputConfig, iter_manifest, rebatch
+from pipeline.resume import pending
+from pipeline.storage import open_fs, to_uri
+
+logger = logging.getLogger(__name__)
+
+READ_ARGS = {"num_cpus": 0}  # a read task mostly waits for decode to take its blocks
+
+
+def manifest_files(config: InputConfig) -> list[str] | None:
+    """The manifest files of `--input` in listing order when it is a manifest (a file or a
+    folder of shards, as `pipeline.inputs` reads them), else None."""
+    source = str(config.input)
+    fs, path = open_fs(source)
+    if any(c in path for c in inputs.GLOB_CHARS):
+        return None
+    if fs.isfile(path):
+        return [source] if path.lower().endswith(inputs.MANIFEST_EXTENSIONS) else None
+    if not fs.isdir(path):
+        return None
+    files = sorted(inputs.find_files(fs, path))
+    if any(inputs._keep(p, config.extensions) for p in files):  # a folder of images
+        return None
+    shards = [to_uri(fs, p) for p in files if inputs._keep(p, inputs.MANIFEST_EXTENSIONS)]
+    return shards or None
+
+
+class Tally:
+    """Counts from the read tasks, and the ids' 64-bit hashes for the duplicate check across
+    manifest files (8 bytes an input, in this actor, never on the driver)."""
+
+    def __init__(self):
+        self.listed = self.skipped = 0
+        self.hashes: list[np.ndarray] = []
+
+    def add(self, listed: int, skipped: int, hashes: np.ndarray) -> None:
+        self.listed += listed
+        self.skipped += skipped
+        self.hashes.append(hashes)
+
+    def totals(self) -> tuple[int, int, int]:
+        """(listed, skipped, ids seen in more than one manifest file)."""
+        merged = np.sort(np.concatenate(self.hashes)) if self.hashes else np.zeros(0, np.uint64)
+        self.hashes = [merged]
+        repeated = int(np.count_nonzero(merged[1:] == merged[:-1]))
+        return self.listed, self.skipped, repeated
+
+
+def _read_manifest_file(uri: str, done, key: str, tally, first: bool, decode_rows: int,
+                        block_rows: int) -> Iterator[pa.Table]:
+    done_table = ray.get(done) if isinstance(done, ray.ObjectRef) else done
+    ids = []
+    listed = kept = 0
+    for block in rebatch(iter_manifest(uri), block_rows):
+        ids.append(block.column(key))
+        listed += block.num_rows
+        left = pending(block, done_table, (key,)) if done_table is not None else block
+        kept += left.num_rows
+        if not left.num_rows:
+            continue
+        if first:  # the listing's first block, in decode-sized blocks
+            first = False
+            for start in range(0, left.num_rows, decode_rows):
+                yield left.slice(start, decode_rows).combine_chunks()
+        else:
+            yield left
+    column = pa.chunked_array([c for col in ids for c in col.chunks], pa.string())
+    inputs._check_unique(column, uri)
+    hashes = hash_array(np.asarray(column.to_numpy(zero_copy_only=False), dtype=object))
+    ray.get(tally.add.remote(listed, listed - kept, hashes))
+    logger.info("listed %d inputs from %s, %d to run", listed, uri, kept)
+
+
+class ManifestDatasource(Datasource):
+    """The inputs of manifest `files` still to run (see the module's docstring)."""
+
+    def __init__(self, files: list[str], done, key: str, decode_rows: int, block_rows: int):
+        self.files, self.done, self.key, self.decode_rows = files, done, key, decode_rows
+        self.block_rows = block_rows
+        self.tally = ray.remote(num_cpus=0)(Tally).remote()
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context=None) -> list[ReadTask]:
+        return [ReadTask(functools.partial(_read_manifest_file, uri, self.done, self.key,
+                                           self.tally, index == 0, self.decode_rows,
+                                           self.block_rows),
+                         BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None,
+                                       input_files=(uri,)))
+                for index, uri in enumerate(self.files)]
+
+    def get_name(self) -> str:
+        return "ListManifest"
+
+    def totals(self) -> tuple[int, int, int]:
+        return ray.get(self.tally.totals.remote())
+
+
+def read_manifest_inputs(files: list[str], done, key: str, decode_rows: int,
+                         block_rows: int):
+    """(Dataset of the inputs to run in blocks of `block_rows` rows, the first ones of
+    `decode_rows`; the datasource whose `totals()` count them afterwards). One read task at a
+    time keeps the listing in order and its memory to one file's ids."""
+    source = ManifestDatasource(files, done, key, decode_rows, block_rows)
+    ds = ray.data.read_datasource(source, concurrency=1, **READ_ARGS)
+    return ds, source
