@@ -284,6 +284,29 @@ def _check_clip(cfg: FlexAttnConfig, vc: CLIPVisionConfig, where: Path) -> None:
                               f" expects mm_hidden_size {cfg.mm_hidden_size}")
 
 
+# The published LLaVA-FlexAttn models select at layer 8 of 32; a Hugging Face LLaVA has no
+# FlexAttention layers of its own, so a shallower one keeps at least its last layer plain.
+HF_SELECT_LAYER = 8
+
+
+def _hf_select_layer(path: Path, layers: int) -> int:
+    """Layer 8, or the last layer of an LLM of 8 or fewer (no FlexAttention layers then:
+    ``flexattn`` mode runs as ``lowres``)."""
+    if layers > HF_SELECT_LAYER + 1:
+        return HF_SELECT_LAYER
+    log.warning("%s: %d LLM layers, none above select_layer %d; FlexAttention has no layers to"
+                " run on (flexattn mode equals lowres)", path, layers, max(layers - 1, 0))
+    return max(layers - 1, 0)
+
+
+def _hf_legacy_tokenizer(path: Path) -> bool:
+    """Whether the folder's Llama tokenizer is ``legacy`` (puts a dummy prefix on text after
+    special tokens such as ``<image>``); transformers 5 defaults to ``legacy=False``."""
+    config = path / "tokenizer_config.json"
+    raw = json.loads(config.read_text()) if config.is_file() else {}
+    return bool(raw.get("legacy", False))
+
+
 def _load_hf(path: Path, dtype: torch.dtype
              ) -> tuple[LlavaFlexAttnForCausalLM, PromptTokenizer, str]:
     raw = _read_json(path / "config.json")
@@ -297,12 +320,13 @@ def _load_hf(path: Path, dtype: torch.dtype
     vision.pop("model_type", None)
     vc = CLIPVisionConfig(**vision)
     heads = text.get("num_attention_heads", 32)
+    layers = text.get("num_hidden_layers", 32)
     rope = text.get("rope_parameters") or {}
     mean, std = _image_stats(path)
     cfg = FlexAttnConfig(
         vocab_size=text.get("vocab_size", 32064), hidden_size=text.get("hidden_size", 4096),
         intermediate_size=text.get("intermediate_size", 11008),
-        num_hidden_layers=text.get("num_hidden_layers", 32), num_attention_heads=heads,
+        num_hidden_layers=layers, num_attention_heads=heads,
         num_key_value_heads=text.get("num_key_value_heads") or heads,
         rms_norm_eps=text.get("rms_norm_eps", 1e-5),
         rope_theta=rope.get("rope_theta", text.get("rope_theta", 10000.0)),
@@ -311,7 +335,9 @@ def _load_hf(path: Path, dtype: torch.dtype
         eos_token_id=text.get("eos_token_id", 2), pad_token_id=text.get("pad_token_id") or 0,
         mm_hidden_size=vc.hidden_size, mm_vision_select_layer=layer,
         patch_size=vc.patch_size, lowres_size=vc.image_size, highres_size=3 * vc.image_size,
-        image_mean=mean, image_std=std)
+        image_mean=mean, image_std=std, select_layer=_hf_select_layer(path, layers),
+        # as LLaVA-1.5 and transformers' LlavaProcessor see images and prompts
+        lowres_view="direct", prefix_after_image=_hf_legacy_tokenizer(path))
     state = read_weights(path)
     renamed: dict[str, torch.Tensor] = {}
     for k, v in state.items():
@@ -328,11 +354,13 @@ def _load_hf(path: Path, dtype: torch.dtype
             src = f"model.layers.{i}.self_attn.{kind}_proj.weight"
             if src in lm:
                 lm[f"model.layers.{i}.self_attn.{kind}_proj_hd.weight"] = lm[src].clone()
-    log.warning("%s is a plain LLaVA-1.5 checkpoint: the high-resolution projections"
-                " k_proj_hd/v_proj_hd of layers %d-%d are UNTRAINED copies of k_proj/v_proj",
-                path, cfg.flex_layers[0], cfg.flex_layers[-1])
+    if cfg.flex_layers:
+        log.warning("%s is a plain LLaVA-1.5 checkpoint: the high-resolution projections"
+                    " k_proj_hd/v_proj_hd of layers %d-%d are UNTRAINED copies of k_proj/v_proj",
+                    path, cfg.flex_layers[0], cfg.flex_layers[-1])
     clip = _clip_from_state(vc, clip_state, dtype)
-    tok = PromptTokenizer.from_dir(path, cfg.bos_token_id, cfg.eos_token_id)
+    tok = PromptTokenizer.from_dir(path, cfg.bos_token_id, cfg.eos_token_id,
+                                   prefix_after_image=cfg.prefix_after_image)
     _check_vocab(tok, cfg, path)
     cfg.extra["hd_projections"] = "copied from k_proj/v_proj (untrained)"
     return _build(cfg, clip, lm, dtype), tok, path.name
@@ -351,7 +379,8 @@ def _load_own(path: Path, dtype: torch.dtype
                                  if k.startswith("vision_tower.")}, dtype)
     if cfg.extra.get("hd_projections"):
         log.warning("%s: high-resolution projections are %s", path, cfg.extra["hd_projections"])
-    tok = PromptTokenizer.from_dir(path, cfg.bos_token_id, cfg.eos_token_id)
+    tok = PromptTokenizer.from_dir(path, cfg.bos_token_id, cfg.eos_token_id,
+                                   prefix_after_image=cfg.prefix_after_image)
     _check_vocab(tok, cfg, path)
     lm = {k: v for k, v in state.items() if not k.startswith("vision_tower.")}
     return _build(cfg, clip, lm, dtype), tok, raw.get("model_id") or path.name
