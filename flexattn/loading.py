@@ -142,11 +142,17 @@ def resolve_vision_tower(name: str | None, model_dir: Path) -> Path:
 
 
 def _image_stats(directory: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The image processor's mean and std: from ``processor_config.json`` (where transformers 5
+    saves a processor's image processor, and which it reads first), else
+    ``preprocessor_config.json``, else CLIP's."""
+    raw: dict[str, Any] = {}
+    processor = directory / "processor_config.json"
+    if processor.is_file():
+        raw = json.loads(processor.read_text()).get("image_processor") or {}
     pre = directory / "preprocessor_config.json"
-    if pre.is_file():
+    if not raw and pre.is_file():
         raw = json.loads(pre.read_text())
-        return tuple(raw.get("image_mean", CLIP_MEAN)), tuple(raw.get("image_std", CLIP_STD))
-    return CLIP_MEAN, CLIP_STD
+    return tuple(raw.get("image_mean", CLIP_MEAN)), tuple(raw.get("image_std", CLIP_STD))
 
 
 def _load_clip(directory: Path, dtype: torch.dtype) -> CLIPVisionModel:

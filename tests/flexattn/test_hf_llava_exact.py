@@ -21,7 +21,6 @@ from transformers.models.llava.image_processing_pil_llava import LlavaImageProce
 
 from flexattn import load_model
 from flexattn.image import direct_view
-from flexattn.options import CLIP_MEAN, CLIP_STD
 from flexattn.tokenizer import IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 
 from .checkpoints import build_tiny_hf
@@ -32,6 +31,7 @@ SIZES = [(336, 336), (640, 480), (480, 640), (1000, 200), (200, 1000), (337, 335
          (999, 333), (64, 2048)]
 PROMPTS = [PROMPT, PROMPT.replace("Describe this image in detail.", "How many fields are there?")]
 NEW_TOKENS = 16
+MEAN, STD = (0.5, 0.45, 0.4), (0.25, 0.26, 0.27)
 
 
 def _image(seed: int, size: tuple[int, int]) -> Image.Image:
@@ -47,10 +47,13 @@ def _image(seed: int, size: tuple[int, int]) -> Image.Image:
 def hf_llava(tmp_path_factory):
     folder = build_tiny_hf(tmp_path_factory.mktemp("hf") / "llava-1.5-4layers", seed=0,
                            llm_layers=4)
-    # the image processor of llava-hf's LLaVA-1.5 folders, with LLaVA-1.5's padding on
+    # the image processor of llava-hf's LLaVA-1.5 folders, with LLaVA-1.5's padding on, and a
+    # mean and std of its own (the padding colour follows the mean): transformers 5 saves it in
+    # processor_config.json, beside build_tiny_hf's CLIP preprocessor_config.json, and reads it
+    # from there
     image_processor = LlavaImageProcessorPil(
         do_pad=True, size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
-        image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+        image_mean=list(MEAN), image_std=list(STD))
     LlavaProcessor(image_processor=image_processor, tokenizer=AutoTokenizer.from_pretrained(folder),
                    patch_size=14, vision_feature_select_strategy="default",
                    image_token=IMAGE_TOKEN, num_additional_image_tokens=1).save_pretrained(folder)
@@ -81,7 +84,10 @@ def test_shallow_hf_folder_loads(hf_llava, caplog):
     cfg = model.config
     assert (cfg.num_hidden_layers, cfg.select_layer, cfg.flex_layers) == (4, 3, [])
     assert (cfg.lowres_view, cfg.prefix_after_image) == ("direct", False)
+    assert (cfg.image_mean, cfg.image_std) == (MEAN, STD)
     assert "none above select_layer 3" in caplog.text
+    with pytest.raises(ValueError, match="lowres_view must be one of"):
+        cfg.replace(lowres_view="square")
     # flexattn mode has no FlexAttention layer to run, so it answers as lowres does
     image = _image(0, SIZES[1])
     [flex] = model.generate([image], [PROMPT], max_new_tokens=4, mode="flexattn")
