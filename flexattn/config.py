@@ -9,7 +9,7 @@ from typing import Any
 
 from transformers import LlamaConfig
 
-from .options import CLIP_MEAN, CLIP_STD, MODES, RUNTIME_FIELDS
+from .options import CLIP_MEAN, CLIP_STD, LOWRES_VIEWS, MODES, RUNTIME_FIELDS
 
 
 @dataclass
@@ -43,6 +43,14 @@ class FlexAttnConfig:
     zoom_ratio: int = 3
     pool_grid: int = 9  # 3 * zoom_ratio cells per side
     mode: str = "flexattn"
+    # how the checkpoint was trained to see its images and prompts (fixed by the checkpoint):
+    # the low-res view is "highres" (antialiased downsampling of the padded high-res square, as
+    # LLaVA-FlexAttn does) or "direct" (the padded image resized straight to lowres_size, as
+    # LLaVA-1.5 and Hugging Face's LlavaImageProcessor(do_pad=True) do); the text after <image>
+    # starts with sentencepiece's dummy prefix (original LLaVA encodes each chunk on its own) or
+    # not (Hugging Face's LlavaProcessor with a Llama tokenizer of legacy=False)
+    lowres_view: str = "highres"
+    prefix_after_image: bool = True
     # cost switches (outputs are the same either way, up to float rounding)
     lazy_tiles: bool = True  # encode a 336 tile only when one of its cells is first selected
     hr_kv_reuse: bool = True  # project each high-res block once per image and layer
@@ -74,6 +82,8 @@ class FlexAttnConfig:
         self.image_std = tuple(float(x) for x in self.image_std)
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.lowres_view not in LOWRES_VIEWS:
+            raise ValueError(f"lowres_view must be one of {LOWRES_VIEWS}, got {self.lowres_view!r}")
         if not 0 <= self.threshold <= 255:
             raise ValueError(f"threshold must be within [0, 255], got {self.threshold}")
         if self.hidden_size % self.num_attention_heads:

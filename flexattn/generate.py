@@ -4,6 +4,8 @@ Left padding, a preallocated KV cache, greedy or temperature/top-p sampling, EOS
 ``max_new_tokens`` per sample. Three modes share the weights: ``flexattn`` (hierarchical
 attention over selected 1008-px features), ``lowres`` (plain LLaVA-1.5 on the 336 view) and
 ``fullres`` (all 5184 high-res tokens placed in the sequence after the 576 low-res ones).
+The 336 view is the 1008 square downsampled (LLaVA-FlexAttn checkpoints) or, for a plain
+LLaVA-1.5 checkpoint (``lowres_view="direct"``), the padded image resized straight to 336 px.
 
 ``generate`` is a few steps, each a method of its own: check the inputs (``tokenize``), encode
 the vision side (``encode_vision``), merge it into the left-padded batch (``build_sequences``),
@@ -24,7 +26,7 @@ from PIL import Image
 from .attention import FlexInputs, HighResCache, KVCache, StepRecord
 from .config import FlexAttnConfig
 from .flops import image_cost
-from .image import lowres_view, normalise, prepare_image, tiles
+from .image import direct_view, lowres_view, normalise, prepare_image, tiles
 from .model import LlavaFlexAttnForCausalLM
 from .options import MODES
 from .selection import hr_rope_tables, margin_keep, to_blocks
@@ -251,8 +253,13 @@ class LlavaFlexAttn:
         if not with_img:
             return out
         t, z2, n = cfg.lowres_size, cfg.zoom_ratio ** 2, len(with_img)
-        hr = self._pixels([images[i] for i in with_img])
-        crops = lowres_view(hr, t)  # [n, 3, 336, 336]
+        given = [images[i] for i in with_img]
+        if cfg.lowres_view == "direct":  # plain LLaVA-1.5: the 336 view from the image itself
+            crops = direct_view(given, t, cfg.image_mean, cfg.image_std, self.device)
+            hr = self._pixels(given) if mode != "lowres" else None
+        else:  # LLaVA-FlexAttn: the 336 view from the 1008 square
+            hr = self._pixels(given)
+            crops = lowres_view(hr, t)  # [n, 3, 336, 336]
         if eager_hr:
             crops = torch.cat([crops, tiles(hr, t)])
         feats = self.module.encode_crops(crops.to(dtype))  # [n (1 + Z*Z if eager), 576, hidden]

@@ -1,5 +1,7 @@
 """Image preprocessing (docs/DESIGN.md section 3, "Images"): LLaVA "pad" mode, bicubic resize to the
-high-resolution side, CLIP normalisation, the antialiased low-resolution view and the 3x3 tiles."""
+high-resolution side, CLIP normalisation, the antialiased low-resolution view and the 3x3 tiles;
+for plain LLaVA-1.5 checkpoints, the low-resolution view made straight from the image
+(``direct_view``), as LLaVA-1.5 and Hugging Face's ``LlavaImageProcessor(do_pad=True)`` make it."""
 
 from __future__ import annotations
 
@@ -47,3 +49,19 @@ def tiles(highres: torch.Tensor, tile: int) -> torch.Tensor:
     z = hgt // tile
     x = highres.view(n, c, z, tile, z, tile).permute(0, 2, 4, 1, 3, 5)  # [N, Zr, Zc, C, t, t]
     return x.reshape(n * z * z, c, tile, tile)
+
+
+def direct_view(images: list[Image.Image], size: int, mean: tuple[float, float, float],
+                std: tuple[float, float, float], device: torch.device | str = "cpu"
+                ) -> torch.Tensor:
+    """PIL images -> [N, 3, size, size] float32: each padded to a square with the mean colour
+    and resized (PIL bicubic) straight to ``size``, then rescaled and normalised with Hugging
+    Face's arithmetic (x * 1/255 in float64, cast to float32, then (x - mean) / std in float32),
+    so that the pixels equal ``LlavaImageProcessor(do_pad=True)``'s bit for bit."""
+    squares = [prepare_image(im, size, mean)[0] for im in images]
+    arr = np.stack([np.asarray(im, dtype=np.uint8) for im in squares])  # [N, H, W, 3]
+    x = torch.from_numpy(arr).to(device).permute(0, 3, 1, 2).to(torch.float64)
+    x = x.mul_(1.0 / 255.0).to(torch.float32).contiguous()
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    return x.sub_(m).div_(s)

@@ -142,11 +142,17 @@ def resolve_vision_tower(name: str | None, model_dir: Path) -> Path:
 
 
 def _image_stats(directory: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The image processor's mean and std: from ``processor_config.json`` (where transformers 5
+    saves a processor's image processor, and which it reads first), else
+    ``preprocessor_config.json``, else CLIP's."""
+    raw: dict[str, Any] = {}
+    processor = directory / "processor_config.json"
+    if processor.is_file():
+        raw = json.loads(processor.read_text()).get("image_processor") or {}
     pre = directory / "preprocessor_config.json"
-    if pre.is_file():
+    if not raw and pre.is_file():
         raw = json.loads(pre.read_text())
-        return tuple(raw.get("image_mean", CLIP_MEAN)), tuple(raw.get("image_std", CLIP_STD))
-    return CLIP_MEAN, CLIP_STD
+    return tuple(raw.get("image_mean", CLIP_MEAN)), tuple(raw.get("image_std", CLIP_STD))
 
 
 def _load_clip(directory: Path, dtype: torch.dtype) -> CLIPVisionModel:
@@ -284,6 +290,29 @@ def _check_clip(cfg: FlexAttnConfig, vc: CLIPVisionConfig, where: Path) -> None:
                               f" expects mm_hidden_size {cfg.mm_hidden_size}")
 
 
+# The published LLaVA-FlexAttn models select at layer 8 of 32; a Hugging Face LLaVA has no
+# FlexAttention layers of its own, so a shallower one keeps at least its last layer plain.
+HF_SELECT_LAYER = 8
+
+
+def _hf_select_layer(path: Path, layers: int) -> int:
+    """Layer 8, or the last layer of an LLM of 8 or fewer (no FlexAttention layers then:
+    ``flexattn`` mode runs as ``lowres``)."""
+    if layers > HF_SELECT_LAYER + 1:
+        return HF_SELECT_LAYER
+    log.warning("%s: %d LLM layers, none above select_layer %d; FlexAttention has no layers to"
+                " run on (flexattn mode equals lowres)", path, layers, max(layers - 1, 0))
+    return max(layers - 1, 0)
+
+
+def _hf_legacy_tokenizer(path: Path) -> bool:
+    """Whether the folder's Llama tokenizer is ``legacy`` (puts a dummy prefix on text after
+    special tokens such as ``<image>``); transformers 5 defaults to ``legacy=False``."""
+    config = path / "tokenizer_config.json"
+    raw = json.loads(config.read_text()) if config.is_file() else {}
+    return bool(raw.get("legacy", False))
+
+
 def _load_hf(path: Path, dtype: torch.dtype
              ) -> tuple[LlavaFlexAttnForCausalLM, PromptTokenizer, str]:
     raw = _read_json(path / "config.json")
@@ -297,12 +326,13 @@ def _load_hf(path: Path, dtype: torch.dtype
     vision.pop("model_type", None)
     vc = CLIPVisionConfig(**vision)
     heads = text.get("num_attention_heads", 32)
+    layers = text.get("num_hidden_layers", 32)
     rope = text.get("rope_parameters") or {}
     mean, std = _image_stats(path)
     cfg = FlexAttnConfig(
         vocab_size=text.get("vocab_size", 32064), hidden_size=text.get("hidden_size", 4096),
         intermediate_size=text.get("intermediate_size", 11008),
-        num_hidden_layers=text.get("num_hidden_layers", 32), num_attention_heads=heads,
+        num_hidden_layers=layers, num_attention_heads=heads,
         num_key_value_heads=text.get("num_key_value_heads") or heads,
         rms_norm_eps=text.get("rms_norm_eps", 1e-5),
         rope_theta=rope.get("rope_theta", text.get("rope_theta", 10000.0)),
@@ -311,7 +341,9 @@ def _load_hf(path: Path, dtype: torch.dtype
         eos_token_id=text.get("eos_token_id", 2), pad_token_id=text.get("pad_token_id") or 0,
         mm_hidden_size=vc.hidden_size, mm_vision_select_layer=layer,
         patch_size=vc.patch_size, lowres_size=vc.image_size, highres_size=3 * vc.image_size,
-        image_mean=mean, image_std=std)
+        image_mean=mean, image_std=std, select_layer=_hf_select_layer(path, layers),
+        # as LLaVA-1.5 and transformers' LlavaProcessor see images and prompts
+        lowres_view="direct", prefix_after_image=_hf_legacy_tokenizer(path))
     state = read_weights(path)
     renamed: dict[str, torch.Tensor] = {}
     for k, v in state.items():
@@ -328,11 +360,13 @@ def _load_hf(path: Path, dtype: torch.dtype
             src = f"model.layers.{i}.self_attn.{kind}_proj.weight"
             if src in lm:
                 lm[f"model.layers.{i}.self_attn.{kind}_proj_hd.weight"] = lm[src].clone()
-    log.warning("%s is a plain LLaVA-1.5 checkpoint: the high-resolution projections"
-                " k_proj_hd/v_proj_hd of layers %d-%d are UNTRAINED copies of k_proj/v_proj",
-                path, cfg.flex_layers[0], cfg.flex_layers[-1])
+    if cfg.flex_layers:
+        log.warning("%s is a plain LLaVA-1.5 checkpoint: the high-resolution projections"
+                    " k_proj_hd/v_proj_hd of layers %d-%d are UNTRAINED copies of k_proj/v_proj",
+                    path, cfg.flex_layers[0], cfg.flex_layers[-1])
     clip = _clip_from_state(vc, clip_state, dtype)
-    tok = PromptTokenizer.from_dir(path, cfg.bos_token_id, cfg.eos_token_id)
+    tok = PromptTokenizer.from_dir(path, cfg.bos_token_id, cfg.eos_token_id,
+                                   prefix_after_image=cfg.prefix_after_image)
     _check_vocab(tok, cfg, path)
     cfg.extra["hd_projections"] = "copied from k_proj/v_proj (untrained)"
     return _build(cfg, clip, lm, dtype), tok, path.name
@@ -351,7 +385,8 @@ def _load_own(path: Path, dtype: torch.dtype
                                  if k.startswith("vision_tower.")}, dtype)
     if cfg.extra.get("hd_projections"):
         log.warning("%s: high-resolution projections are %s", path, cfg.extra["hd_projections"])
-    tok = PromptTokenizer.from_dir(path, cfg.bos_token_id, cfg.eos_token_id)
+    tok = PromptTokenizer.from_dir(path, cfg.bos_token_id, cfg.eos_token_id,
+                                   prefix_after_image=cfg.prefix_after_image)
     _check_vocab(tok, cfg, path)
     lm = {k: v for k, v in state.items() if not k.startswith("vision_tower.")}
     return _build(cfg, clip, lm, dtype), tok, raw.get("model_id") or path.name

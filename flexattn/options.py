@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 MODES = ("flexattn", "lowres", "fullres")
+LOWRES_VIEWS = ("highres", "direct")  # FlexAttnConfig.lowres_view
 DTYPES = ("bfloat16", "float16", "float32")
 # Fields a loaded model may change: how it runs, not what was built. Everything else (sizes,
 # layer counts, select_layer, grids) shapes the modules and the statistics, so it is fixed by

@@ -1,7 +1,8 @@
 """Stage 3, predict (GPU actors): one LLaVA-FlexAttn replica per actor, batched generation.
 
 Use as `ds.map_batches(Predictor, fn_constructor_kwargs={"config": cfg}, batch_format="pyarrow",
-compute=ActorPoolStrategy(...), num_gpus=..., batch_size=...)` (see `pipeline.run`).
+compute=ActorPoolStrategy(...), num_gpus=..., batch_size=...)` (the processor's predict stage,
+`pipeline.processor`).
 The model is imported and loaded in `__init__`, once per actor, so the driver never imports
 torch. Runs on CUDA when the actor sees a device, else on CPU (also when Ray assigned a GPU
 that CUDA cannot see). Rows that arrive with an error pass through untouched; a row whose
@@ -140,7 +141,7 @@ def localize_model(model: str) -> str:
 
 
 # The same as keep_freed_memory(), for a process yet to start (Ray passes it to the CPU predict
-# actors: `pipeline.run.build_dataset`). From the start, one arena serves every thread, which
+# actors in their runtime_env: `pipeline.processor`). From the start, one arena serves every thread, which
 # matters because Ray Data calls the model from a worker thread: per-thread arenas grow in
 # 64 MB heaps that glibc unmaps whenever one empties, whatever the settings below.
 KEEP_FREED_MEMORY_ENV = {

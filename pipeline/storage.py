@@ -2,8 +2,10 @@
 
 Credentials and endpoints come from the environment the way each backend reads them: for S3,
 the standard AWS variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`,
-`AWS_DEFAULT_REGION`, `AWS_ENDPOINT_URL`, `AWS_PROFILE`) or an instance role; for `gs://`,
-Google application-default credentials (needs `gcsfs`). Nothing here takes or logs a secret,
+`AWS_DEFAULT_REGION`, `AWS_ENDPOINT_URL`, `AWS_PROFILE`) or an instance role; for `gs://`
+(`pip install .[gs]`: gcsfs), Google's application-default credentials, as gcsfs looks them
+up: the key file named by `GOOGLE_APPLICATION_CREDENTIALS`, gcloud's user credentials, then the
+metadata server (a GCE VM's service account, Workload Identity on GKE). Nothing here takes or logs a secret,
 and `redact_secrets_in_logs` (the jobs call it) keeps libraries that log request headers at
 DEBUG level (botocore) from writing credential values into the job's log.
 

@@ -54,6 +54,12 @@ def test_hf_layout_loads_with_untrained_projection_warning(golden_model_nohr, hf
     sa = m.module.model.layers[9].self_attn
     assert torch.equal(sa.k_proj_hd.weight, sa.k_proj.weight)
     assert torch.equal(sa.v_proj_hd.weight, sa.v_proj.weight)
+    # an HF folder sees images and prompts as LLaVA-1.5 / transformers do
+    # (tests/flexattn/test_hf_llava_exact.py); seen the FlexAttention checkpoints' way, the same
+    # weights give the original layout's answers
+    assert (m.config.lowres_view, m.config.prefix_after_image) == ("direct", False)
+    m.module.config = m.config.replace(lowres_view="highres", prefix_after_image=True)
+    m.tokenizer.prefix_after_image = True
     image, _ = golden_case(CASES[1])
     [a] = m.generate([image], [PROMPT], max_new_tokens=8, return_logits=True)
     [b] = golden_model_nohr.generate([image], [PROMPT], max_new_tokens=8, return_logits=True)
