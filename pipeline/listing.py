@@ -1,13 +1,13 @@
 """Listing in the cluster: a manifest read by Ray Data read tasks, so that the driver holds no
 per-input state however many inputs there are.
 
-`pipeline.run` uses this for a manifest input (a file, or a folder of shards) when the job's
-rows are keyed by `id` and no `--limit` is set: one read task per manifest file, one running
-at a time in listing order, each reading its file piece by piece (`pipeline.inputs
-.iter_manifest`), dropping the ids already written (read from the object store, where
-`pipeline.resume.DoneKeys` put them), and handing on blocks of `LISTING_BLOCK_ROWS` rows (fewer
-with `--decode-in-actors`, see `pipeline.run`); the first such block of the whole listing is cut into decode-sized blocks, so that a small job's
-rows decode in parallel and a large job's first answers come early. The read tasks ask for no
+`pipeline.run` uses this for a manifest input (a file, or a folder of shards) of more than
+`LISTING_BLOCK_ROWS` rows (`large_manifest`) when the job's rows are keyed by `id` and no
+`--limit` is set: one read task per manifest file, one running at a time in listing order,
+each reading its file piece by piece (`pipeline.inputs.iter_manifest`) and dropping the ids
+already written (read from the object store, where `pipeline.resume.DoneKeys` put them). Ray
+Data joins what a read task yields into blocks of up to the Dataset's `target_max_block_size`;
+a decode task takes such a block and hands on its rows a few at a time. The read tasks ask for no
 CPU (they mostly wait for decode to take their blocks) and report their counts, and a 64-bit
 hash of each id, to one `Tally` actor: the driver reads the totals for the run summary, and
 the ids are checked for duplicates across shards there (within a shard the read task checks
@@ -22,6 +22,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 from pandas.util import hash_array
 from ray.data.block import BlockMetadata
@@ -35,6 +36,26 @@ from pipeline.storage import open_fs, to_uri
 logger = logging.getLogger(__name__)
 
 READ_ARGS = {"num_cpus": 0}  # a read task mostly waits for decode to take its blocks
+
+
+SMALL_TEXT_MANIFEST_BYTES = 1024**2  # a CSV / JSONL manifest up to this size is listed by the driver
+
+
+def large_manifest(files: list[str]) -> bool:
+    """More rows than one listing block (Parquet: from the footers), or CSV / JSONL over
+    `SMALL_TEXT_MANIFEST_BYTES`: then the listing streams in the cluster."""
+    rows = 0
+    for uri in files:
+        fs, path = open_fs(uri)
+        if not path.lower().endswith(".parquet"):
+            if fs.size(path) > SMALL_TEXT_MANIFEST_BYTES:
+                return True
+            continue
+        with fs.open(path, "rb") as f:
+            rows += pq.read_metadata(f).num_rows
+        if rows > inputs.LISTING_BLOCK_ROWS:
+            return True
+    return False
 
 
 def manifest_files(config: InputConfig) -> list[str] | None:
@@ -76,7 +97,7 @@ class Tally:
         return self.listed, self.skipped, repeated
 
 
-def _read_manifest_file(uri: str, done, key: str, tally, first: bool, decode_rows: int,
+def _read_manifest_file(uri: str, done, key: str, tally,
                         block_rows: int) -> Iterator[pa.Table]:
     done_table = ray.get(done) if isinstance(done, ray.ObjectRef) else done
     ids = []
@@ -86,13 +107,7 @@ def _read_manifest_file(uri: str, done, key: str, tally, first: bool, decode_row
         listed += block.num_rows
         left = pending(block, done_table, (key,)) if done_table is not None else block
         kept += left.num_rows
-        if not left.num_rows:
-            continue
-        if first:  # the listing's first block, in decode-sized blocks
-            first = False
-            for start in range(0, left.num_rows, decode_rows):
-                yield left.slice(start, decode_rows).combine_chunks()
-        else:
+        if left.num_rows:
             yield left
     column = pa.chunked_array([c for col in ids for c in col.chunks], pa.string())
     inputs._check_unique(column, uri)
@@ -104,9 +119,9 @@ def _read_manifest_file(uri: str, done, key: str, tally, first: bool, decode_row
 class ManifestDatasource(Datasource):
     """The inputs of manifest `files` still to run (see the module's docstring)."""
 
-    def __init__(self, files: list[str], done, key: str, decode_rows: int, block_rows: int):
-        self.files, self.done, self.key, self.decode_rows = files, done, key, decode_rows
-        self.block_rows = block_rows
+    def __init__(self, files: list[str], done, key: str):
+        self.files, self.done, self.key = files, done, key
+        self.block_rows = inputs.LISTING_BLOCK_ROWS  # read here, on the driver
         self.tally = ray.remote(num_cpus=0)(Tally).remote()
 
     def estimate_inmemory_data_size(self) -> int | None:
@@ -115,11 +130,10 @@ class ManifestDatasource(Datasource):
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context=None) -> list[ReadTask]:
         return [ReadTask(functools.partial(_read_manifest_file, uri, self.done, self.key,
-                                           self.tally, index == 0, self.decode_rows,
-                                           self.block_rows),
+                                           self.tally, self.block_rows),
                          BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None,
                                        input_files=(uri,)))
-                for index, uri in enumerate(self.files)]
+                for uri in self.files]
 
     def get_name(self) -> str:
         return "ListManifest"
@@ -128,11 +142,12 @@ class ManifestDatasource(Datasource):
         return ray.get(self.tally.totals.remote())
 
 
-def read_manifest_inputs(files: list[str], done, key: str, decode_rows: int,
-                         block_rows: int):
-    """(Dataset of the inputs to run in blocks of `block_rows` rows, the first ones of
-    `decode_rows`; the datasource whose `totals()` count them afterwards). One read task at a
-    time keeps the listing in order and its memory to one file's ids."""
-    source = ManifestDatasource(files, done, key, decode_rows, block_rows)
-    ds = ray.data.read_datasource(source, concurrency=1, **READ_ARGS)
+def read_manifest_inputs(files: list[str], done, key: str):
+    """(Dataset of the inputs to run, the datasource whose `totals()` count them afterwards).
+    One read task at a time keeps the listing in order and its memory to one file's ids."""
+    source = ManifestDatasource(files, done, key)
+    # override_num_blocks: one read task per file and no SplitBlocks after it (Ray Data would
+    # split each block into many to reach its default parallelism).
+    ds = ray.data.read_datasource(source, concurrency=1, override_num_blocks=len(files),
+                                  **READ_ARGS)
     return ds, source

@@ -32,7 +32,7 @@ from pipeline import inputs
 from pipeline.columns import output_schema
 from pipeline.decode import DEFAULT_MAX_PIXELS
 from pipeline.inputs import InputConfig, iter_inputs
-from pipeline.listing import manifest_files, read_manifest_inputs
+from pipeline.listing import large_manifest, manifest_files, read_manifest_inputs
 from pipeline.predict import DEMO_MODEL
 from pipeline.processor import Processor, ProcessorConfig, add_task_columns
 from pipeline.resume import DoneKeys, drop_done_blocks, drop_written, prepare_output
@@ -51,9 +51,6 @@ __all__ = ["JobConfig", "add_task_columns", "build_dataset", "parse_actors", "ru
 # had finished every input (docs/DESIGN.md, "Durable writes"). A write is I/O, and one at a
 # time keeps Ray from starting a worker per write.
 WRITE_ARGS = {"num_cpus": 0}
-# Listing blocks with --decode-in-actors: decode and predict run in one actor task per block,
-# which hands its answers on when the block is done (64 rows: a few batches).
-IN_ACTOR_BLOCK_ROWS = 64
 DECODED_BLOCK_CAP = 128 * 1024**2  # Ray Data's own default target block size
 MAX_ROWS_PER_FILE = 500  # automatic --rows-per-file: at most this many rows per Parquet file
 FILES_PER_RUN = 100  # ... and about this many files for smaller runs (at least a batch each)
@@ -197,10 +194,8 @@ def _listed_inputs(config: JobConfig, done: DoneKeys):
     keyed_at_listing = task.key_columns == ("id",)
     files = manifest_files(config.input_config()) if keyed_at_listing and config.limit is None \
         else None
-    if files is not None:
-        ds, source = read_manifest_inputs(files, done.ref, "id", config.decode_rows_per_task,
-                                          IN_ACTOR_BLOCK_ROWS if config.decode_in_actors
-                                          else inputs.LISTING_BLOCK_ROWS)
+    if files is not None and large_manifest(files):
+        ds, source = read_manifest_inputs(files, done.ref, "id")
         return ds, None, None, None, source
     blocks, listed = put_inputs(config.input_config())
     if keyed_at_listing:
@@ -214,12 +209,9 @@ def _listed_inputs(config: JobConfig, done: DoneKeys):
     # block's rows) is cut into decode-sized blocks here, so that its few rows still decode in
     # parallel; `from_blocks` reads their row counts and schema on this process, where
     # `from_arrow_refs` runs a Ray task per block for them.
-    # With --decode-in-actors an actor answers a whole block before it hands any row on, so
-    # its blocks stay small at every size.
-    if config.decode_in_actors or to_run <= inputs.LISTING_BLOCK_ROWS:
-        rows = IN_ACTOR_BLOCK_ROWS if to_run > inputs.LISTING_BLOCK_ROWS \
-            else config.decode_rows_per_task
-        small = [t for ref in blocks for t in cut_table(ray.get(ref), rows)]
+    if to_run <= inputs.LISTING_BLOCK_ROWS:
+        small = [t for ref in blocks for t in cut_table(ray.get(ref),
+                                                         config.decode_rows_per_task)]
         ds = ray.data.from_blocks(small) if small else None
     else:
         ds = ray.data.from_arrow_refs(blocks)
@@ -247,7 +239,12 @@ def run(config: JobConfig) -> RunSummary:
                            rows_per_file=rows_per_file,
                            flush_seconds=config.flush_seconds).start()
         keyed_after_decode = task.key_columns != ("id",)
-        ds = build_dataset(config, ds, done if keyed_after_decode else None, split_blocks=False)
+        # With --decode-in-actors decode runs in the actor task that answers a block, which
+        # hands on no answer before the whole block is done: its blocks are cut to
+        # decode_rows_per_task rows first (the processor's streaming repartition, a task
+        # stage of its own beside the actors). Decode tasks hand on rows as they go.
+        ds = build_dataset(config, ds, done if keyed_after_decode else None,
+                           split_blocks=config.decode_in_actors)
         # Blocks of decode_rows_per_task decoded images: Ray Data's default (128 MiB) would
         # put ~40 of them in a block, and an actor answers a block's rows before it hands any
         # of them on; with a block a batch, answers reach the write one batch at a time.

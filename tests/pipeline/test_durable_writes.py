@@ -126,13 +126,15 @@ def _manifest_shards(folder, ids_per_shard: list[list[str]], image: str) -> None
 @pytest.mark.slow
 def test_manifest_is_listed_in_the_cluster_and_resumed_there(ray_local, demo_model, tmp_path,
                                                             monkeypatch):
-    """A manifest never passes through the driver: listing it there fails this test. Resume
+    """A manifest of more than one listing block never passes through the driver: listing it
+    there fails this test. Resume
     and the counts of the summary come from the read tasks; ids repeated across shards fail
     the run after it (each answered once per shard)."""
     def no_driver_listing(*args, **kwargs):
         raise AssertionError("the driver listed the manifest")
 
     monkeypatch.setattr(sys.modules["pipeline.run"], "put_inputs", no_driver_listing)
+    monkeypatch.setattr("pipeline.inputs.LISTING_BLOCK_ROWS", 4)  # 9 rows: a large manifest
     noise_image(64, 48, seed=2).save(tmp_path / "a.png")
     _manifest_shards(tmp_path / "m", [[f"s0-{i}" for i in range(5)],
                                       [f"s1-{i}" for i in range(4)]], str(tmp_path / "a.png"))
