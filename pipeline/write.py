@@ -10,6 +10,9 @@ larger files for resume to read, against rows that wait longer to be committed.
 - object storage: uploaded straight to the final key (an object only appears once its
   upload completes, so a killed writer leaves nothing behind).
 
+`file_metadata`, when given, makes each file's schema metadata from the rows it holds (the
+GeoParquet `geo` key of the caption job: `pipeline.geo.geoparquet_metadata`).
+
 Readers (resume, pyarrow, Ray) skip names starting with `.` or `_`, so only whole files count.
 Each task returns its counts; the driver aggregates them into the run summary.
 """
@@ -20,7 +23,7 @@ import hashlib
 import logging
 import posixpath
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pyarrow as pa
@@ -111,13 +114,16 @@ class ParquetSink(Datasink[dict]):
     """Ray Data datasink writing the output schema to `output` (local path or URI)."""
 
     def __init__(self, output: str, schema: pa.Schema, key_columns: tuple[str, ...] = ("id",),
-                 rows_per_file: int | None = None):
+                 rows_per_file: int | None = None,
+                 file_metadata: Callable[[pa.Table], dict[bytes, bytes]] | None = None):
         if rows_per_file is not None and rows_per_file < 1:
             raise ValueError(f"--rows-per-file must be >= 1, got {rows_per_file}")
         self.output = output
         self.schema = schema
         self.key_columns = key_columns
         self.rows_per_file = rows_per_file
+        # Schema metadata of each file from its rows (GeoParquet's `geo`: pipeline.geo).
+        self.file_metadata = file_metadata
         self.stats: dict[str, Any] | None = None  # set on the driver when the write completes
 
     @property
@@ -136,6 +142,9 @@ class ParquetSink(Datasink[dict]):
         table = pa.concat_tables(tables, promote_options="permissive")
         require_columns(STAGE, table, self.key_columns)
         table = conform(table, self.schema)
+        if self.file_metadata is not None:
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                                   **self.file_metadata(table)})
         uri = write_table(table, self.output, part_name(table, self.key_columns))
         stats = batch_stats(table)
         stats["files"] = [uri]
