@@ -69,7 +69,7 @@ class DecodeConfig:
     # GeoTIFF / COG / JPEG2000 through rasterio, chips, and the georeferenced columns
     # (`pipeline.raster`, `pipeline.geo`); None: every file through Pillow, as before.
     raster: RasterConfig | None = None
-    rows_per_output: int = 32  # rows per table a decode task hands on (chips of a scene)
+    rows_per_output: int = 8  # rows per table a decode task hands on (--decode-rows-per-task)
 
     def __post_init__(self) -> None:
         if self.image_size < 1:

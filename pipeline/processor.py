@@ -136,7 +136,8 @@ class ProcessorConfig:
 
     def decode_config(self) -> DecodeConfig:
         return DecodeConfig(image_size=self.image_size, max_pixels=self.max_pixels,
-                            expand=self.task.expand, raster=self.raster_config())
+                            expand=self.task.expand, raster=self.raster_config(),
+                            rows_per_output=self.decode_rows_per_task)
 
     def predict_config(self) -> PredictConfig:
         return PredictConfig(model=self.model, vision_tower=self.vision_tower, mode=self.mode,
