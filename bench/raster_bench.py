@@ -120,7 +120,7 @@ def chip_pass(uri: str, chip: int, image_size: int, counter: Counter) -> dict:
         bands = raster.select_bands(ds, None)
         limits = raster.band_limits(ds, bands, config.stretch)
         header_bytes = counter.bytes - start_bytes
-        scene = raster._Scene(ds, bands, limits, PAD_COLOUR)
+        scene = raster.Scene(ds, bands, limits, PAD_COLOUR)
         per_chip = []
         for row, col, box in raster.grid(ds.width, ds.height, chip, chip):
             before = counter.bytes
@@ -144,7 +144,7 @@ def isolated_pass(uri: str, chip: int, image_size: int, counter: Counter) -> lis
     out = []
     for row, col, box in cells:
         with raster.open_scene(uri) as ds:
-            scene = raster._Scene(ds, raster.select_bands(ds, None), None, PAD_COLOUR)
+            scene = raster.Scene(ds, raster.select_bands(ds, None), None, PAD_COLOUR)
             before = counter.bytes
             scene.chip(row, col, box, 1.0, chip, image_size)
             out.append((box[2] * box[3], counter.bytes - before))

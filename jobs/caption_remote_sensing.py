@@ -65,8 +65,12 @@ def main(argv: list[str] | None = None) -> int:
 
         written = save_scene_maps(config.output, args.save_scene_maps,
                                   config.decode_config().raster)
-        print(f"{len(written)} scene map(s) under {config.output}/_scenes")
-    return finish(config, args, summary)
+        print(f"{len(written)} scene map(s) under {config.output}/_scenes: "
+              + ", ".join(w.rsplit("/", 1)[-1] for w in written))
+    status = finish(config, args, summary)
+    if config.chip_size is not None:
+        print(f"GeoParquet (geopandas.read_parquet) under {config.output}")
+    return status
 
 
 if __name__ == "__main__":

@@ -255,7 +255,7 @@ def scene_rows(source, config: RasterConfig, image_size: int,
         except Exception as exc:  # noqa: BLE001 - GDAL refuses the file: one error row
             yield SceneRow(None, error=exc, stage="decode")
             return
-        scene = _Scene(ds, bands, limits, pad)
+        scene = Scene(ds, bands, limits, pad)
         if not config.chipped:
             yield scene.whole(image_size)
             return
@@ -266,7 +266,9 @@ def scene_rows(source, config: RasterConfig, image_size: int,
 
 
 @dataclass
-class _Scene:
+class Scene:
+    """An open scene with its bands and stretch: reads windows as the model's uint8 RGB."""
+
     ds: object
     bands: list[int]
     limits: np.ndarray | None

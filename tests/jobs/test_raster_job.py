@@ -46,8 +46,9 @@ def test_stac_on_s3_to_chips_to_geoparquet_then_resume(ray_local, s3, pipeline_e
     argv = ["--input", f"s3://{bucket}/stac/items.json", "--asset", "visual",
             "--output", str(out), "--model", str(demo_model), "--max-new-tokens", "2",
             "--batch-size", "4", "--memory-per-actor-gb", "0.5", "--chip-size", "256"]
-    assert main(argv) == 0
-    capsys.readouterr()
+    assert main([*argv, "--save-scene-maps", "1"]) == 0
+    assert "1 scene map(s)" in capsys.readouterr().out
+    assert (out / "_scenes" / "scene-rgb.png").stat().st_size > 1000  # the first scene by id
 
     table = pq.read_table(out)
     keys = list(zip(*(table.column(c).to_pylist() for c in ("id", "chip_row", "chip_col"))))

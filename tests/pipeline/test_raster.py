@@ -200,3 +200,35 @@ def test_geoparquet_metadata_gives_geopandas_the_crs(tmp_path):
     assert len(frame) == 6 and frame.geometry.name == "geometry"
     assert frame.geometry.total_bounds == pytest.approx([500000, 4600000 - 450, 500600, 4600000])
     assert geoparquet_metadata(pa.table({"id": ["a"]})) == {}
+
+
+def test_scene_map_draws_the_grid_and_the_cells_each_chip_used(tmp_path):
+    from PIL import Image
+
+    from pipeline.columns import output_schema
+    from pipeline.scenemap import MAP_SIDE, save_scene_maps
+    from pipeline.tasks import CAPTION
+    from pipeline.write import ParquetSink
+
+    path = uint16_nodata_scene(tmp_path / "u16.tif")  # 1100 x 1000, chips of 512: 3 x 2
+    table = _decode([path], chip_size=512).drop_columns(["image"])
+    cells = [False] * 81
+    cells[0] = True  # chip (0, 1): its top-left cell
+    hr = [cells if (r, c) == (0, 1) else [False] * 81
+          for r, c in zip(table.column("chip_row").to_pylist(),
+                          table.column("chip_col").to_pylist())]
+    table = table.append_column("hr_cells", pa.array(hr, pa.list_(pa.bool_())))
+    out = tmp_path / "out"
+    ParquetSink(str(out), output_schema(CAPTION.extra_fields), CHIP_KEYS).write([table], None)
+    [uri] = save_scene_maps(str(out), 3, RasterConfig(chip_size=512))
+    assert uri.endswith("/_scenes/s0.png")
+    image = np.asarray(Image.open(out / "_scenes" / "s0.png").convert("RGB")).astype(int)
+    assert image.shape == (round(1000 * MAP_SIDE / 1100), MAP_SIDE, 3)
+    scale = MAP_SIDE / 1100
+    green = (image[..., 1] > 200) & (image[..., 0] < 120) & (image[..., 2] < 120)
+    ys, xs = np.nonzero(green)
+    # the cell: x 512..512 + 512 / 9, y 0..512 / 9 in scene pixels
+    assert xs.min() >= 512 * scale - 2 and xs.max() <= (512 + 512 / 9) * scale + 2
+    assert ys.max() <= 512 / 9 * scale + 2
+    white = (image > 240).all(axis=-1)  # chip edges
+    assert white[:, round(512 * scale)].mean() > 0.9
