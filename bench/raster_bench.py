@@ -151,6 +151,27 @@ def isolated_pass(uri: str, chip: int, image_size: int, counter: Counter) -> lis
     return out
 
 
+def summarize(chips: dict, isolated: list, file_bytes: int, data_bytes: int, whole_bytes: int,
+              whole_s: float) -> dict:
+    def share(pairs):
+        ratios = [b / (data_bytes * a / chips["area"]) for a, b in pairs]
+        return {"mean": float(np.mean(ratios)), "median": float(np.median(ratios)),
+                "max": float(np.max(ratios)), "min": float(np.min(ratios))}
+
+    n = len(chips["per_chip"])
+    return {
+        "chips": n, "file_bytes": file_bytes, "full_resolution_bytes": data_bytes,
+        "header_and_stats_bytes": chips["header_and_stats_bytes"],
+        "chip_bytes_over_share_in_grid": share(chips["per_chip"]),
+        "chip_bytes_over_share_alone": share(isolated),
+        "all_chips_bytes_over_full_resolution":
+            sum(b for _, b in chips["per_chip"]) / data_bytes,
+        "chips_per_s_one_core": n / chips["seconds"], "chip_pass_s": chips["seconds"],
+        "whole_scene_bytes": whole_bytes, "whole_scene_over_file": whole_bytes / file_bytes,
+        "whole_scene_s": whole_s, "cpu": os.cpu_count(),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     from list_bench import start_moto
     from model_bench import bench_parser, positive_int, provenance, source_commit, write_json
@@ -199,25 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         os.killpg(moto.pid, signal.SIGKILL)
         moto.wait()
 
-    def share(pairs):
-        ratios = [b / (data_bytes * a / chips["area"]) for a, b in pairs]
-        return {"mean": float(np.mean(ratios)), "median": float(np.median(ratios)),
-                "max": float(np.max(ratios)), "min": float(np.min(ratios))}
-
-    total_chip_bytes = sum(b for _, b in chips["per_chip"])
-    n = len(chips["per_chip"])
-    result = {
-        **provenance(commit), "size": args.size, "chip": args.chip, "chips": n,
-        "file_bytes": file_bytes, "full_resolution_bytes": data_bytes,
-        "header_and_stats_bytes": chips["header_and_stats_bytes"],
-        "chip_bytes_over_share_in_grid": share(chips["per_chip"]),
-        "chip_bytes_over_share_alone": share(isolated),
-        "all_chips_bytes_over_full_resolution": total_chip_bytes / data_bytes,
-        "chips_per_s_one_core": n / chips["seconds"], "chip_pass_s": chips["seconds"],
-        "whole_scene_bytes": whole_bytes, "whole_scene_over_file": whole_bytes / file_bytes,
-        "whole_scene_s": whole_s,
-        "cpu": os.cpu_count(),
-    }
+    result = {**provenance(commit), "size": args.size, "chip": args.chip,
+              **summarize(chips, isolated, file_bytes, data_bytes, whole_bytes, whole_s)}
     write_json(args.out, result)
     for key, value in result.items():
         print(f"{key}: {value}")

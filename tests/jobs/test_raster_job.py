@@ -12,9 +12,40 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.caption_remote_sensing import main
+from jobs.caption_remote_sensing import main, parse_config
 from tests.pipeline.rasters import rgb_uint8_scene, uint16_nodata_scene
 from tests.reliability.jobproc import job_command, job_env, kill_job, start_job
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--chip-size", "0"], "--chip-size"),
+    (["--chip-size", "256", "--chip-overlap", "256"], "--chip-overlap"),
+    (["--chip-overlap", "16"], "--chip-overlap"),
+    (["--chip-size", "256", "--gsd", "-1"], "--gsd"),
+    (["--gsd", "0.5"], "--gsd"),
+    (["--bands", "4,3"], "--bands"),
+    (["--bands", "0,1,2"], "--bands"),
+    (["--bands", "red"], "--bands"),
+    (["--stretch", "98,2"], "--stretch"),
+    (["--stretch", "2"], "--stretch"),
+    (["--asset", " "], "--asset"),
+    (["--save-scene-maps", "-1"], "--save-scene-maps"),
+])
+def test_bad_raster_flags_exit_2_naming_the_flag(argv, flag, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_config(argv)
+    assert exc.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_raster_flags_reach_the_decode_config_and_key_chips():
+    config, _ = parse_config(["--chip-size", "1008", "--chip-overlap", "64", "--gsd", "0.3",
+                              "--bands", "4,3,2", "--stretch", "1,99"])
+    raster = config.decode_config().raster
+    assert (raster.chip_size, raster.chip_overlap, raster.gsd) == (1008, 64, 0.3)
+    assert raster.bands == (4, 3, 2) and raster.stretch == (1.0, 99.0)
+    assert config.task.key_columns == ("id", "chip_row", "chip_col")  # resume per chip
+    plain, _ = parse_config([])
+    assert plain.task.key_columns == ("id",) and not plain.decode_config().raster.chipped
 
 
 def _item(item_id: str, href: str, when: str) -> dict:
