@@ -15,7 +15,9 @@ field plus noise, so it compresses like imagery rather than like noise), uploads
 - **a chip alone**: every chip again from a fresh open (a cold block cache), its bytes
   against its share: the cost of one chip without neighbours (tiles it cuts are whole reads);
 - **chips/s per decode core**: the same loop's chips over its wall time, in one process and
-  one thread (GDAL decompresses on the calling thread);
+  one thread (GDAL decompresses on the calling thread), on the file local (the decode work
+  alone) and on S3. Moto answers a range request by copying the whole object, so the S3 pass
+  measures moto more than the decode (see bench/RESULTS.md);
 - **whole-scene shrink**: a fresh open, then the scene read whole at `--image-size` (GDAL
   takes the overview closest to it), its bytes against the file's.
 
@@ -109,7 +111,8 @@ def counting_opener(counter: Counter):
     raster._opener = make
 
 
-def chip_pass(uri: str, chip: int, image_size: int, counter: Counter) -> dict:
+def chip_pass(uri: str, chip: int, image_size: int, counter: Counter,
+              label: str = "") -> dict:
     from flexattn.options import PAD_COLOUR
     from pipeline import raster
 
@@ -127,20 +130,25 @@ def chip_pass(uri: str, chip: int, image_size: int, counter: Counter) -> dict:
             out = scene.chip(row, col, box, 1.0, chip, image_size)
             assert out.error is None, out.error
             per_chip.append((box[2] * box[3], counter.bytes - before))
+            if label and len(per_chip) % 10 == 0:
+                print(f"{label}: {len(per_chip)} chips in {time.perf_counter() - start:.0f} s",
+                      flush=True)
         width, height = ds.width, ds.height
     elapsed = time.perf_counter() - start
     return {"header_and_stats_bytes": header_bytes, "per_chip": per_chip,
             "seconds": elapsed, "area": width * height}
 
 
-def isolated_pass(uri: str, chip: int, image_size: int, counter: Counter) -> list[tuple]:
-    """Each chip read alone, from a fresh open (a cold block cache): what one chip costs
-    without the neighbours that share its tiles."""
+def isolated_pass(uri: str, chip: int, image_size: int, counter: Counter,
+                  sample: int) -> list[tuple]:
+    """`sample` chips spread over the grid, each read alone from a fresh open (a cold block
+    cache): what one chip costs without the neighbours that share its tiles."""
     from flexattn.options import PAD_COLOUR
     from pipeline import raster
 
     with raster.open_scene(uri) as ds:
         cells = raster.grid(ds.width, ds.height, chip, chip)
+    cells = cells[::max(1, len(cells) // sample)][:sample]
     out = []
     for row, col, box in cells:
         with raster.open_scene(uri) as ds:
@@ -149,6 +157,18 @@ def isolated_pass(uri: str, chip: int, image_size: int, counter: Counter) -> lis
             scene.chip(row, col, box, 1.0, chip, image_size)
             out.append((box[2] * box[3], counter.bytes - before))
     return out
+
+
+def whole_pass(uri: str, image_size: int, counter: Counter) -> tuple[int, float]:
+    """The scene shrunk whole, from a fresh open: (bytes, seconds)."""
+    from flexattn.options import PAD_COLOUR
+    from pipeline import raster
+
+    before = counter.bytes
+    start = time.perf_counter()
+    [whole] = list(raster.scene_rows(uri, raster.RasterConfig(), image_size, PAD_COLOUR))
+    assert whole.error is None, whole.error
+    return counter.bytes - before, time.perf_counter() - start
 
 
 def summarize(chips: dict, isolated: list, file_bytes: int, data_bytes: int, whole_bytes: int,
@@ -166,7 +186,7 @@ def summarize(chips: dict, isolated: list, file_bytes: int, data_bytes: int, who
         "chip_bytes_over_share_alone": share(isolated),
         "all_chips_bytes_over_full_resolution":
             sum(b for _, b in chips["per_chip"]) / data_bytes,
-        "chips_per_s_one_core": n / chips["seconds"], "chip_pass_s": chips["seconds"],
+        "chips_per_s_one_core_s3": n / chips["seconds"], "chip_pass_s3_s": chips["seconds"],
         "whole_scene_bytes": whole_bytes, "whole_scene_over_file": whole_bytes / file_bytes,
         "whole_scene_s": whole_s, "cpu": os.cpu_count(),
     }
@@ -180,13 +200,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=positive_int, default=10_000, help="scene side, pixels")
     p.add_argument("--chip", type=positive_int, default=1008, help="chip side, pixels")
     p.add_argument("--image-size", type=positive_int, default=1008)
+    p.add_argument("--alone", type=positive_int, default=20,
+                   help="chips (spread over the grid) also read alone, from a fresh open")
+    p.add_argument("--scene", type=Path, default=None,
+                   help="keep the COG here and reuse it when it exists (default: a temporary "
+                        "file)")
     args = p.parse_args(argv)
     commit = source_commit()
 
     import boto3
 
-    from flexattn.options import PAD_COLOUR
-    from pipeline import raster
     from tests.helpers import free_port
 
     port = free_port()
@@ -198,30 +221,28 @@ def main(argv: list[str] | None = None) -> int:
     counting_opener(counter)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "scene.tif"
-            start = time.perf_counter()
-            write_scene(path, args.size)
-            print(f"wrote the COG in {time.perf_counter() - start:.0f} s", flush=True)
+            path = args.scene or Path(tmp) / "scene.tif"
+            if not path.exists():
+                start = time.perf_counter()
+                write_scene(path, args.size)
+                print(f"wrote the COG in {time.perf_counter() - start:.0f} s", flush=True)
             file_bytes, data_bytes = path.stat().st_size, full_resolution_bytes(path)
+            # decode speed on one core, the file local (no object store in the way)
+            local = chip_pass(str(path), args.chip, args.image_size, counter, "local")
             client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
             client.create_bucket(Bucket=BUCKET)
             client.upload_file(str(path), BUCKET, KEY)
         uri = f"s3://{BUCKET}/{KEY}"
-        chips = chip_pass(uri, args.chip, args.image_size, counter)
-        isolated = isolated_pass(uri, args.chip, args.image_size, counter)
-        before = counter.bytes
-        start = time.perf_counter()
-        [whole] = list(raster.scene_rows(uri, raster.RasterConfig(), args.image_size,
-                                         PAD_COLOUR))
-        whole_s = time.perf_counter() - start
-        assert whole.error is None, whole.error
-        whole_bytes = counter.bytes - before
+        chips = chip_pass(uri, args.chip, args.image_size, counter, "s3")
+        isolated = isolated_pass(uri, args.chip, args.image_size, counter, args.alone)
+        whole_bytes, whole_s = whole_pass(uri, args.image_size, counter)
     finally:
         os.killpg(moto.pid, signal.SIGKILL)
         moto.wait()
 
     result = {**provenance(commit), "size": args.size, "chip": args.chip,
-              **summarize(chips, isolated, file_bytes, data_bytes, whole_bytes, whole_s)}
+              **summarize(chips, isolated, file_bytes, data_bytes, whole_bytes, whole_s),
+              "chips_per_s_one_core_local_file": len(local["per_chip"]) / local["seconds"]}
     write_json(args.out, result)
     for key, value in result.items():
         print(f"{key}: {value}")

@@ -161,3 +161,21 @@ def test_killed_half_way_through_a_scene_then_rerun_each_chip_once(pipeline_env,
     assert sorted(keys) == sorted(("scene.tif", r, c) for r in range(10) for c in range(10))
     new = [k for name, ks in after.items() if name not in before for k in ks]
     assert not set(new) & set(done)
+
+
+@pytest.mark.slow
+def test_processor_chips_a_users_own_dataset(ray_local, demo_model, tmp_path):
+    import ray
+
+    from pipeline import ProcessorConfig, build_processor
+
+    scene = uint16_nodata_scene(tmp_path / "u16.tif", width=600, height=500)
+    ds = ray.data.from_items([{"scene": "a", "image": str(scene), "prompt": "What is here?"}])
+    config = ProcessorConfig(model=str(demo_model), max_new_tokens=2, chip_size=256,
+                             bands=(3, 2, 1), memory_per_replica_gb=0.5)
+    rows = build_processor(config)(ds).take_all()
+    assert sorted((r["chip_row"], r["chip_col"]) for r in rows) == [
+        (r, c) for r in range(2) for c in range(3)]
+    assert all(r["scene"] == "a" and r["error"] is None for r in rows)
+    assert sum(bool(r["empty"]) for r in rows) == 2
+    assert all(r["answer"] is not None for r in rows if not r["empty"])

@@ -232,3 +232,17 @@ def test_scene_map_draws_the_grid_and_the_cells_each_chip_used(tmp_path):
     assert ys.max() <= 512 / 9 * scale + 2
     white = (image > 240).all(axis=-1)  # chip edges
     assert white[:, round(512 * scale)].mean() > 0.9
+
+
+def test_jpeg2000_scene_through_gdal(tmp_path):
+    import rasterio
+    import rasterio.shutil
+
+    cog = rgb_uint8_scene(tmp_path / "rgb.tif", width=600, height=400)
+    with rasterio.open(cog) as src:
+        rasterio.shutil.copy(src, str(tmp_path / "rgb.jp2"), driver="JP2OpenJPEG",
+                             QUALITY=100, REVERSIBLE="YES")
+    [row] = _decode([tmp_path / "rgb.jp2"]).drop_columns(["image"]).to_pylist()
+    assert row["error"] is None and (row["width"], row["height"]) == (600, 400)
+    assert row["crs"] == "EPSG:32633"
+    assert footprint(row["geometry"]).area == pytest.approx(600 * 400 * RES * RES)
