@@ -273,6 +273,7 @@ class _Rows:
         if self.config.expand is not None:
             out = out.append_column("page", pa.array(v["page"], pa.int32()))
         if self.config.raster is not None:
+            out = out.drop_columns([f.name for f in GEO_FIELDS if f.name in out.column_names])
             for f in GEO_FIELDS:
                 out = out.append_column(f, pa.array([g.get(f.name) for g in v["geo"]], f.type))
         self.take = []

@@ -4,7 +4,8 @@ local or on object storage, read with pystac.
 
 Each item is one input row: `id` the item's id, `source_uri` the absolute href of its asset
 `--asset NAME` (default: `visual` when the item has it, else its first image asset, by
-media type `image/...`), `datetime` the item's datetime (else its `start_datetime`), and
+media type `image/...`), `datetime` the item's datetime (else its `start_datetime`) as RFC 3339
+text in UTC, and
 `collection` its collection id. Items without such an asset are left out with a warning
 naming them; when no item has one, the listing fails naming `--asset`. Relative hrefs resolve
 against the JSON file that holds them. pystac reads through `FsspecStacIO`, the project's
@@ -26,8 +27,9 @@ from pipeline.storage import open_fs, retrying
 logger = logging.getLogger(__name__)
 
 DEFAULT_ASSET = "visual"
-STAC_FIELDS = (pa.field("datetime", pa.timestamp("us", tz="UTC")),
-               pa.field("collection", pa.string()))
+# `datetime` is RFC 3339 text, as STAC writes it (a manifest's own `datetime` column of any
+# type then still casts to the output schema)
+STAC_FIELDS = (pa.field("datetime", pa.string()), pa.field("collection", pa.string()))
 STAC_EXTENSIONS = (".json", ".geojson")
 ITEMS_PER_TABLE = 10_000
 MAX_NAMED = 10  # item ids named in a warning
@@ -122,9 +124,11 @@ def _asset_href(item, name: str | None, uri: str) -> str | None:
 
 def _when(item):
     when = item.datetime or item.common_metadata.start_datetime
-    if when is not None and when.tzinfo is None:
+    if when is None:
+        return None
+    if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return when
+    return when.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def _table(rows: list[dict]) -> pa.Table:

@@ -96,7 +96,7 @@ def test_stac_on_s3_to_chips_to_geoparquet_then_resume(ray_local, s3, pipeline_e
     assert all(r["answer"] is not None and len(r["hr_cells"]) == 81
                for r in rows if not r["empty"])
     assert {r["collection"] for r in rows} == {"synthetic"}
-    assert {r["datetime"].isoformat() for r in by_id["scene-rgb"]} == {"2024-05-01T10:30:00+00:00"}
+    assert {r["datetime"] for r in by_id["scene-rgb"]} == {"2024-05-01T10:30:00Z"}
     assert {r["source_uri"] for r in by_id["scene-rgb"]} == {f"s3://{bucket}/stac/scenes/rgb.tif"}
     summary = json.loads((out / "_summary.json").read_text())
     assert summary["rows_written"] == 12 and summary["errors_by_stage"] == {}

@@ -246,3 +246,16 @@ def test_jpeg2000_scene_through_gdal(tmp_path):
     assert row["error"] is None and (row["width"], row["height"]) == (600, 400)
     assert row["crs"] == "EPSG:32633"
     assert footprint(row["geometry"]).area == pytest.approx(600 * 400 * RES * RES)
+
+
+def test_input_columns_named_like_the_geo_columns_are_replaced(tmp_path):
+    from pipeline.columns import conform, output_schema
+    from pipeline.tasks import CAPTION
+
+    path = rgb_uint8_scene(tmp_path / "rgb.tif", width=300, height=200)
+    batch = pa.table({"id": ["a"], "source_uri": [str(path)], "crs": ["mine"],
+                      "datetime": pa.array([20240501], pa.int64())})
+    out = decode_batch(batch, DecodeConfig(image_size=64, raster=RasterConfig()))
+    assert out.column_names.count("crs") == 1 and out.column("crs")[0].as_py() == "EPSG:32633"
+    written = conform(out.drop_columns(["image"]), output_schema(CAPTION.extra_fields))
+    assert written.column("datetime")[0].as_py() == "20240501"  # a manifest's own column

@@ -43,7 +43,7 @@ def test_static_catalogue_items_become_rows(tmp_path):
     # relative to the item's own JSON (stac/orthophotos/b/b.json), then the image asset
     assert rows["b"]["source_uri"] == str(tmp_path / "stac" / "b.tif")
     assert rows["a"]["collection"] == "orthophotos"
-    assert rows["a"]["datetime"] == datetime(2024, 5, 1, 10, 30, tzinfo=UTC)
+    assert rows["a"]["datetime"] == "2024-05-01T10:30:00Z"
 
     named = list_inputs(InputConfig(str(tmp_path / "stac" / "catalog.json"), asset="thumbnail"))
     assert named.column("id").to_pylist() == ["b"]
