@@ -1,5 +1,6 @@
 # `make test` and `make demo` are the two commands the README promises. The demo: the trained
-# SynthHR mini through the RSVQA job (flexattn against lowres), then the caption job.
+# SynthHR mini through the RSVQA job (flexattn against lowres), then the caption job, then
+# the caption job chipping one georeferenced scene (GeoParquet and a scene map).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -23,6 +24,8 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) jobs/synthhr_demo.py
 	$(PY) jobs/caption_remote_sensing.py
+	$(PY) jobs/caption_remote_sensing.py --input samples/scenes --chip-size 1008 \
+		--output outputs/caption_scenes --save-scene-maps 1
 
 clean:
 	rm -rf $(VENV) outputs

@@ -92,11 +92,39 @@ def job_parser(prog: str, doc: str, *, default_input: str, default_output: str,
     return p
 
 
+def add_raster_arguments(p: argparse.ArgumentParser) -> None:
+    """Remote-sensing flags (pipeline/raster.py, pipeline/stac.py): chips, bands, stretch,
+    ground sample distance, STAC asset, scene maps."""
+    g = p.add_argument_group("remote-sensing scenes (GeoTIFF / COG / JPEG2000, STAC)")
+    g.add_argument("--chip-size", type=int, default=None, metavar="PX",
+                   help="cut each scene into chips of PX x PX native pixels, one row each "
+                        "(default: a scene is one row, shrunk whole)")
+    g.add_argument("--chip-overlap", type=int, default=0, metavar="PX",
+                   help="pixels shared by neighbouring chips (default: %(default)s)")
+    g.add_argument("--gsd", type=float, default=None, metavar="METRES",
+                   help="resample georeferenced scenes to this ground sample distance first")
+    g.add_argument("--bands", default=None, metavar="R,G,B",
+                   help="1-based bands shown as red, green, blue, e.g. 4,3,2 (default: the "
+                        "raster's red/green/blue colour interpretation, else the first three)")
+    g.add_argument("--stretch", default="2,98", metavar="LOW,HIGH",
+                   help="per-band percentiles stretched to 0..255 for data above 8 bits "
+                        "(default: %(default)s)")
+    g.add_argument("--asset", default=None, metavar="NAME",
+                   help="STAC input: the asset to read (default: visual, else the first "
+                        "image asset)")
+    g.add_argument("--save-scene-maps", type=int, default=0, metavar="N",
+                   help="after the run, draw the first N chipped scenes with their chip grid "
+                        "and the high-res cells each chip's answer used, as "
+                        "OUTPUT/_scenes/<id>.png")
+
+
 def job_config(parser: argparse.ArgumentParser, args: argparse.Namespace, task: Task,
                **fields) -> JobConfig:
     """JobConfig from the parsed flags of the same names, plus `fields`."""
     if args.save_overlays < 0:
         parser.error(f"--save-overlays must be >= 0, got {args.save_overlays}")
+    if getattr(args, "save_scene_maps", 0) < 0:
+        parser.error(f"--save-scene-maps must be >= 0, got {args.save_scene_maps}")
     names = {f.name for f in dataclasses.fields(JobConfig)}
     values = {k: v for k, v in vars(args).items() if k in names} | fields
     try:

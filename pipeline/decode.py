@@ -14,6 +14,13 @@ A file that cannot be read or decoded becomes a row with `error` set (stage `rea
 `decode`) and a blank image; the job goes on. Images above `max_pixels` are refused from their
 header, before any pixel is decoded, so a decompression bomb is an error row, not an OOM.
 
+With a `raster` config (`pipeline.raster.RasterConfig`), GeoTIFF / COG / JPEG2000 scenes are
+read through rasterio instead, windowed: bands, per-band stretch, nodata as the pad colour,
+and with `chip_size` one row per chip (`decode_stream` hands them on in tables of
+`rows_per_output` rows); every row then carries the georeferenced columns of `pipeline.geo`
+(`chip_row`, `chip_col`, `window`, `crs`, `geometry`, `bbox_lonlat`, `empty`). Other images
+keep the Pillow path (and are chipped the same way, with null geography).
+
 `expand` is the hook for inputs that yield several images (TIFF pages, PDF pages): a function
 `(data, source_uri, config) -> iterable of (page, PIL image)`; each gives a row with `page` set.
 A page given as an exception instead of an image (or that fails to prepare) becomes an error
@@ -38,6 +45,8 @@ from ray.data.extensions import ArrowTensorArray
 from flexattn.options import DEFAULT_HIGHRES_SIZE, PAD_COLOUR
 from flexattn.padding import square_resize
 from pipeline.columns import IMAGE, format_error, require_columns
+from pipeline.geo import GEO_FIELDS
+from pipeline.raster import RasterConfig
 from pipeline.storage import read_bytes
 
 logger = logging.getLogger(__name__)
@@ -57,12 +66,18 @@ class DecodeConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     pad_color: tuple[int, int, int] = PAD_COLOUR
     expand: Expand | None = None  # one input -> several rows (adds a `page` column)
+    # GeoTIFF / COG / JPEG2000 through rasterio, chips, and the georeferenced columns
+    # (`pipeline.raster`, `pipeline.geo`); None: every file through Pillow, as before.
+    raster: RasterConfig | None = None
+    rows_per_output: int = 8  # rows per table a decode task hands on (--decode-rows-per-task)
 
     def __post_init__(self) -> None:
         if self.image_size < 1:
             raise ValueError(f"--image-size must be positive, got {self.image_size}")
         if self.max_pixels < 1:
             raise ValueError(f"--max-pixels must be positive, got {self.max_pixels}")
+        if self.rows_per_output < 1:
+            raise ValueError(f"rows_per_output must be positive, got {self.rows_per_output}")
 
 
 class ImageTooLargeError(ValueError):
@@ -214,77 +229,159 @@ def _from_array(arr: np.ndarray, config: DecodeConfig) -> tuple[np.ndarray, int,
     return prepare(Image.fromarray(_stretch(arr)), config)
 
 
-def decode_batch(batch: pa.Table, config: DecodeConfig) -> pa.Table:
-    """Ray Data task UDF (`batch_format="pyarrow"`): one row per input (per page if `expand`)."""
+class _Rows:
+    """The output rows of a decode batch, as they are made (`decode_stream` hands them on)."""
+
+    def __init__(self, config: DecodeConfig):
+        self.config = config
+        self.blank = np.zeros((config.image_size, config.image_size, 3), np.uint8)
+        self.take: list[int] = []
+        self.values: dict[str, list] = {k: [] for k in ("image", "width", "height", "error",
+                                                          "error_stage", "page", "geo")}
+        self.errors = 0
+
+    def __len__(self) -> int:
+        return len(self.take)
+
+    def emit(self, row: int, image=None, size=(None, None), error=None, stage=None, page=None,
+             geo=None) -> None:
+        self.take.append(row)
+        for name, value in (("image", self.blank if image is None else image),
+                            ("width", size[0]), ("height", size[1]), ("error", error),
+                            ("error_stage", stage), ("page", page), ("geo", geo or {})):
+            self.values[name].append(value)
+        self.errors += error is not None
+
+    def emit_scene(self, row: int, scene) -> None:
+        """A `pipeline.raster.SceneRow`."""
+        error = None if scene.error is None else format_error(scene.error)
+        self.emit(row, scene.image, scene.size, error, scene.stage, geo=scene.columns)
+
+    def table(self, batch: pa.Table) -> pa.Table:
+        """The rows made so far as a table (then forgotten)."""
+        v = self.values
+        out = batch.take(pa.array(self.take, pa.int64()))
+        if IMAGE in out.column_names:  # (after take: a table without columns has no rows)
+            out = out.drop_columns([IMAGE])
+        stacked = np.stack(v["image"]) if v["image"] else np.zeros((0, *self.blank.shape),
+                                                                   np.uint8)
+        out = out.append_column(IMAGE, ArrowTensorArray.from_numpy(stacked))
+        out = out.append_column("width", pa.array(v["width"], pa.int32()))
+        out = out.append_column("height", pa.array(v["height"], pa.int32()))
+        out = out.append_column("error", pa.array(v["error"], pa.string()))
+        out = out.append_column("error_stage", pa.array(v["error_stage"], pa.string()))
+        if self.config.expand is not None:
+            out = out.append_column("page", pa.array(v["page"], pa.int32()))
+        if self.config.raster is not None:
+            out = out.drop_columns([f.name for f in GEO_FIELDS if f.name in out.column_names])
+            for f in GEO_FIELDS:
+                out = out.append_column(f, pa.array([g.get(f.name) for g in v["geo"]], f.type))
+        self.take = []
+        self.values = {k: [] for k in self.values}
+        return out
+
+
+def _raster_source(source, config: DecodeConfig) -> bool:
+    from pipeline.raster import handles
+
+    return config.raster is not None and config.expand is None and handles(source)
+
+
+def decode_stream(batch: pa.Table, config: DecodeConfig) -> Iterator[pa.Table]:
+    """Ray Data task UDF (`batch_format="pyarrow"`) that hands its rows on in tables of at
+    most `config.rows_per_output` rows (one input can give many chips): one row per input,
+    per page with `expand`, per chip with `raster.chip_size`."""
+    from pipeline.raster import scene_rows
+
     start = time.perf_counter()
     sources = _sources(batch)
     uris = (batch.column("source_uri").to_pylist() if "source_uri" in batch.column_names
             else [s if isinstance(s, str) else "<bytes>" for s in sources])
-    blank = np.zeros((config.image_size, config.image_size, 3), np.uint8)
-    take, images, widths, heights, errors, stages, pages = [], [], [], [], [], [], []
-
-    def emit(row: int, image=blank, size=(None, None), error=None, stage=None, page=None):
-        take.append(row)
-        images.append(image)
-        widths.append(size[0])
-        heights.append(size[1])
-        errors.append(error)
-        stages.append(stage)
-        pages.append(page)
-
+    rows, handed = _Rows(config), 0
     with _own_pixel_limit():
         for row, (source, uri) in enumerate(zip(sources, uris)):
-            if source is None:
-                emit(row, error=NO_IMAGE_ERROR, stage="read")
+            if source is not None and _raster_source(source, config):
+                for scene in scene_rows(source, config.raster, config.image_size,
+                                        config.pad_color):
+                    rows.emit_scene(row, scene)
+                    if len(rows) >= config.rows_per_output:
+                        handed += len(rows)
+                        yield rows.table(batch)
                 continue
-            if isinstance(source, np.ndarray):
-                try:
-                    image, width, height = _from_array(source, config)
-                except Exception as exc:  # noqa: BLE001 - any failure is this row's error
-                    emit(row, error=format_error(exc), stage=STAGE,
-                         page=None if config.expand is None else 0)
-                    continue
-                emit(row, image, (width, height), page=None if config.expand is None else 0)
-                continue
-            try:
-                data = source if isinstance(source, bytes) else read_bytes(source)
-            except Exception as exc:  # noqa: BLE001 - any failure is this row's error
-                emit(row, error=format_error(exc), stage="read")
-                continue
-            try:
-                if config.expand is None:
-                    image, width, height = prepare(open_image(data, config.max_pixels), config)
-                    emit(row, image, (width, height))
-                    continue
-                n_before = len(take)
-                for page, frame in config.expand(data, uri, config):
-                    try:
-                        if isinstance(frame, Exception):
-                            raise frame
-                        image, width, height = prepare(frame, config)
-                    except Exception as exc:  # noqa: BLE001 - this page's error row
-                        emit(row, error=format_error(exc), stage=STAGE, page=page)
-                        continue
-                    emit(row, image, (width, height), page=page)
-                if len(take) == n_before:
-                    raise ValueError("document has no pages")
-            except Exception as exc:  # noqa: BLE001 - any failure is this row's error
-                emit(row, error=format_error(exc), stage=STAGE)
+            _decode_one(rows, row, source, uri, config)
+            if len(rows) >= config.rows_per_output:
+                handed += len(rows)
+                yield rows.table(batch)
+    if len(rows) or not handed:
+        handed += len(rows)
+        yield rows.table(batch)
+    logger.info("decode: %d inputs -> %d rows (%d errors) in %.2fs",
+                batch.num_rows, handed, rows.errors, time.perf_counter() - start)
 
-    out = batch.take(pa.array(take, pa.int64()))
-    if IMAGE in out.column_names:  # (after take: a table without columns has no rows)
-        out = out.drop_columns([IMAGE])
-    stacked = np.stack(images) if images else np.zeros((0, *blank.shape), np.uint8)
-    out = out.append_column(IMAGE, ArrowTensorArray.from_numpy(stacked))
-    out = out.append_column("width", pa.array(widths, pa.int32()))
-    out = out.append_column("height", pa.array(heights, pa.int32()))
-    out = out.append_column("error", pa.array(errors, pa.string()))
-    out = out.append_column("error_stage", pa.array(stages, pa.string()))
-    if config.expand is not None:
-        out = out.append_column("page", pa.array(pages, pa.int32()))
-    failed = sum(e is not None for e in errors)
-    logger.info(
-        "decode: %d inputs -> %d rows (%d errors) in %.2fs",
-        batch.num_rows, out.num_rows, failed, time.perf_counter() - start,
-    )
-    return out
+
+def decode_batch(batch: pa.Table, config: DecodeConfig) -> pa.Table:
+    """Ray Data task UDF (`batch_format="pyarrow"`): one row per input (per page if `expand`,
+    per chip with `raster.chip_size`), as one table."""
+    tables = list(decode_stream(batch, config))
+    return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+
+
+def _prepare_rows(rows: _Rows, row: int, img: Image.Image, config: DecodeConfig,
+                  page=None) -> None:
+    """One decoded Pillow image: one row, or its chips (`raster.chip_size`)."""
+    raster = config.raster
+    if raster is None or not raster.chipped:
+        image, width, height = prepare(img, config)
+        geo = None
+        if raster is not None:
+            from pipeline.raster import full_window_columns
+
+            geo = full_window_columns(width, height)
+        rows.emit(row, image, (width, height), page=page, geo=geo)
+        return
+    from pipeline.raster import image_chips
+
+    if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+        img = ImageOps.exif_transpose(img)
+    rgb = np.asarray(to_rgb(img, config.pad_color), dtype=np.uint8)
+    for chip in image_chips(rgb, raster, config.image_size, config.pad_color):
+        rows.emit_scene(row, chip)
+
+
+def _decode_one(rows: _Rows, row: int, source, uri: str, config: DecodeConfig) -> None:
+    """The rows of one input that is not a raster scene."""
+    page0 = None if config.expand is None else 0
+    if source is None:
+        rows.emit(row, error=NO_IMAGE_ERROR, stage="read")
+        return
+    if isinstance(source, np.ndarray):
+        try:
+            image, width, height = _from_array(source, config)
+        except Exception as exc:  # noqa: BLE001 - any failure is this row's error
+            rows.emit(row, error=format_error(exc), stage=STAGE, page=page0)
+            return
+        rows.emit(row, image, (width, height), page=page0)
+        return
+    try:
+        data = source if isinstance(source, bytes) else read_bytes(source)
+    except Exception as exc:  # noqa: BLE001 - any failure is this row's error
+        rows.emit(row, error=format_error(exc), stage="read")
+        return
+    try:
+        if config.expand is None:
+            _prepare_rows(rows, row, open_image(data, config.max_pixels), config)
+            return
+        n_before = len(rows)
+        for page, frame in config.expand(data, uri, config):
+            try:
+                if isinstance(frame, Exception):
+                    raise frame
+                image, width, height = prepare(frame, config)
+            except Exception as exc:  # noqa: BLE001 - this page's error row
+                rows.emit(row, error=format_error(exc), stage=STAGE, page=page)
+                continue
+            rows.emit(row, image, (width, height), page=page)
+        if len(rows) == n_before:
+            raise ValueError("document has no pages")
+    except Exception as exc:  # noqa: BLE001 - any failure is this row's error
+        rows.emit(row, error=format_error(exc), stage=STAGE)

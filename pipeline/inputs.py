@@ -5,6 +5,8 @@ blocks, on the driver.
 - a local folder or an object-storage prefix (`s3://bucket/tiles/`): every image file below it;
 - a glob (`/data/**/*.tif`, `s3://bucket/tiles/*.jpg`);
 - a single image file;
+- a STAC ItemCollection or static catalogue (`.json`): an item per row, `--asset` picks
+  the image (`pipeline.stac`);
 - a manifest (`.parquet`, `.csv`, `.jsonl`) with columns `id` and `image_uri` (or `image`,
   `uri`, `path`, `source_uri`), and optionally `question` and `ground_truth`, or a folder of
   manifest shards (such files and no images), read in name order. Relative image paths
@@ -37,6 +39,7 @@ import pyarrow.json
 import pyarrow.parquet as pq
 
 from pipeline.columns import GROUND_TRUTH, QUESTION
+from pipeline.stac import is_stac, iter_stac
 from pipeline.storage import is_local, open_fs, printable, to_uri
 
 logger = logging.getLogger(__name__)
@@ -65,12 +68,15 @@ class InputConfig:
     input: str
     limit: int | None = None  # keep the first N inputs (in listing order) before resume
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+    asset: str | None = None  # STAC input: the asset to read (default: visual, else an image)
 
     def __post_init__(self) -> None:
         if not str(self.input).strip():
             raise ValueError("--input must name a folder, glob, URI prefix or manifest")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be a positive integer, got {self.limit}")
+        if self.asset is not None and not self.asset.strip():
+            raise ValueError("--asset must name a STAC asset (e.g. visual), not be blank")
         object.__setattr__(self, "extensions", tuple(e.lower() for e in self.extensions))
 
 
@@ -85,7 +91,7 @@ def iter_inputs(config: InputConfig, block_rows: int | None = None) -> Iterator[
     `--input`, for nothing found, a bad manifest or duplicate manifest ids (after the last
     block: ids are checked across all of them)."""
     source = str(config.input)
-    kind, pieces = _open_source(source, config.extensions)
+    kind, pieces = _open_source(source, config.extensions, config.asset)
     total, ids = 0, []
     for block in rebatch(pieces, block_rows or LISTING_BLOCK_ROWS):
         if config.limit is not None:
@@ -120,8 +126,11 @@ def rebatch(tables: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
         yield pa.concat_tables(buffer, promote_options="permissive").combine_chunks()
 
 
-def _open_source(source: str, extensions: tuple[str, ...]) -> tuple[str, Iterator[pa.Table]]:
+def _open_source(source: str, extensions: tuple[str, ...],
+                 asset: str | None = None) -> tuple[str, Iterator[pa.Table]]:
     fs, path = open_fs(source)
+    if is_stac(path) and fs.isfile(path):
+        return "manifest", iter_stac(source, asset)  # (ids checked for duplicates too)
     if any(c in path for c in GLOB_CHARS):
         return "glob", iter([_list_glob(fs, path, extensions)])
     if fs.isdir(path):

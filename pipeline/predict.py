@@ -5,10 +5,11 @@ compute=ActorPoolStrategy(...), num_gpus=..., batch_size=...)` (the processor's 
 `pipeline.processor`).
 The model is imported and loaded in `__init__`, once per actor, so the driver never imports
 torch. Runs on CUDA when the actor sees a device, else on CPU (also when Ray assigned a GPU
-that CUDA cannot see). Rows that arrive with an error pass through untouched; a row whose
-generation fails gets `error_stage="predict"` while the rest of its batch still gets answers.
-A batch that runs out of GPU memory is split in halves and retried, recursively, down to one
-image; an image that does not fit alone becomes an error row naming the out-of-memory error.
+that CUDA cannot see). Rows that arrive with an error, or marked `empty` (a chip of nodata
+only), pass through untouched; a row whose generation fails gets `error_stage="predict"`
+while the rest of its batch still gets answers. A batch that runs out of GPU memory is split
+in halves and retried, recursively, down to one image; an image that does not fit alone
+becomes an error row naming the out-of-memory error.
 A row whose question is blank is an error row too (a null question means the job's prompt).
 """
 
@@ -263,7 +264,10 @@ class Predictor:
         for i in range(n):
             if errors[i] is None and not (questions[i] or "").strip():
                 errors[i], stages[i] = EMPTY_QUESTION_ERROR, STAGE
-        todo = [i for i in range(n) if errors[i] is None]
+        # A chip of nodata only (`empty`, pipeline.raster) is no error and asks the model nothing.
+        empty = (batch.column("empty").to_pylist() if "empty" in batch.column_names
+                 else [False] * n)
+        todo = [i for i in range(n) if errors[i] is None and not bool(empty[i])]
         fields = (*PREDICTION_FIELDS, *PREDICT_EXTRA_FIELDS)
         values: dict[str, list] = {f.name: [None] * n for f in fields}
         values["model"] = [self.model_id] * n

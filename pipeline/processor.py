@@ -40,8 +40,9 @@ import ray
 
 from flexattn.options import DEFAULT_HIGHRES_SIZE, checkpoint_highres_size
 from pipeline.columns import QUESTION
-from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeConfig, decode_batch
+from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeConfig, decode_batch, decode_stream
 from pipeline.predict import DEMO_MODEL, KEEP_FREED_MEMORY_ENV, PredictConfig, Predictor
+from pipeline.raster import RasterConfig
 from pipeline.tasks import CAPTION, Task
 
 Row = dict[str, Any]
@@ -54,6 +55,7 @@ FLAGS = {
     "decode_rows_per_task": "--decode-rows-per-task", "prompt": "--prompt",
     "image_size": "--image-size",
 }
+DEFAULT_STRETCH = (2.0, 98.0)
 
 
 def _invalid(name: str, rule: str, value: object) -> ValueError:
@@ -81,6 +83,15 @@ class ProcessorConfig:
     # Decode inside the model actors (Ray Data fuses the stages): for CPU-only clusters whose
     # actors keep every core busy; it saves moving each decoded image through the object store.
     decode_in_actors: bool = False
+    # Remote-sensing scenes (pipeline/raster.py): GeoTIFF / COG / JPEG2000 read with rasterio
+    # (windowed, bands, per-band stretch, nodata), chips at native resolution, georeferenced
+    # columns. `rasters=False`: every file through Pillow, as before.
+    rasters: bool = True
+    chip_size: int | None = None  # None: a scene is one row, shrunk whole
+    chip_overlap: int = 0
+    gsd: float | None = None  # metres per pixel to resample georeferenced scenes to
+    bands: tuple[int, ...] | None = None  # 1-based; None: red/green/blue, else the first three
+    stretch: tuple[float, float] = DEFAULT_STRETCH  # per-band percentiles, above 8 bits
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -116,9 +127,17 @@ class ProcessorConfig:
             return int(c[0]), int(c[1])
         return 0, 0  # refused by __post_init__
 
+    def raster_config(self) -> RasterConfig | None:
+        """None for tasks with their own `expand` (OCR) or with `rasters=False`."""
+        if not self.rasters or self.task.expand is not None:
+            return None
+        return RasterConfig(chip_size=self.chip_size, chip_overlap=self.chip_overlap,
+                            gsd=self.gsd, bands=self.bands, stretch=tuple(self.stretch))
+
     def decode_config(self) -> DecodeConfig:
         return DecodeConfig(image_size=self.image_size, max_pixels=self.max_pixels,
-                            expand=self.task.expand)
+                            expand=self.task.expand, raster=self.raster_config(),
+                            rows_per_output=self.decode_rows_per_task)
 
     def predict_config(self) -> PredictConfig:
         return PredictConfig(model=self.model, vision_tower=self.vision_tower, mode=self.mode,
@@ -214,9 +233,12 @@ class Processor:
                                                          "prompt": config.prompt},
                             batch_size=rows, batch_format="pyarrow",
                             udf_modifying_row_count=False, **stage_args)
-        ds = ds.map_batches(decode_batch, fn_kwargs={"config": config.decode_config()},
+        decode = config.decode_config()
+        chips = decode.raster is not None and decode.raster.chipped  # many rows per scene
+        ds = ds.map_batches(decode_stream if chips else decode_batch, fn_kwargs={"config": decode},
                             batch_size=rows, batch_format="pyarrow",
-                            udf_modifying_row_count=config.task.expand is not None, **stage_args)
+                            udf_modifying_row_count=config.task.expand is not None or chips,
+                            **stage_args)
         if self.after_decode is not None:
             fn, kwargs = self.after_decode
             ds = ds.map_batches(fn, fn_kwargs=kwargs, batch_size=None, batch_format="pyarrow",

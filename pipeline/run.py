@@ -34,11 +34,12 @@ from pipeline.decode import DEFAULT_MAX_PIXELS
 from pipeline.inputs import InputConfig, iter_inputs
 from pipeline.listing import large_manifest, manifest_files, read_manifest_inputs
 from pipeline.predict import DEMO_MODEL
-from pipeline.processor import Processor, ProcessorConfig, add_task_columns
+from pipeline.processor import DEFAULT_STRETCH, Processor, ProcessorConfig, add_task_columns
+from pipeline.raster import parse_numbers
 from pipeline.resume import DoneKeys, drop_done_blocks, drop_written, prepare_output
 from pipeline.storage import open_fs, to_uri
 from pipeline.summary import RunSummary
-from pipeline.tasks import CAPTION, Task
+from pipeline.tasks import CAPTION, Task, chipped
 from pipeline.write import DEFAULT_FLUSH_SECONDS, ParquetSink
 
 logger = logging.getLogger(__name__)
@@ -98,8 +99,24 @@ class JobConfig:
     rows_per_file: int | None = None  # None: about 1% of the rows to run, 1 batch to 500
     flush_seconds: float = DEFAULT_FLUSH_SECONDS  # the longest an answer waits to be written
     max_error_fraction: float = 1.0  # the job fails (exit 1) above this share of error rows
+    # Remote-sensing scenes (pipeline/raster.py, ProcessorConfig's fields of the same names);
+    # `bands` and `stretch` may be given as "4,3,2" and "2,98". STAC input: `asset`.
+    chip_size: int | None = None
+    chip_overlap: int = 0
+    gsd: float | None = None
+    bands: tuple[int, ...] | None = None
+    stretch: tuple[float, float] = DEFAULT_STRETCH
+    asset: str | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.bands, str):
+            self.bands = parse_numbers(self.bands, "--bands", int)
+        if isinstance(self.stretch, str):
+            self.stretch = parse_numbers(self.stretch, "--stretch", float)
+            if len(self.stretch) != 2:
+                raise ValueError(f"--stretch must be LOW,HIGH, got {self.stretch}")
+        if self.chip_size is not None and self.task.expand is None:
+            self.task = chipped(self.task)  # resume per chip
         if not str(self.output).strip():
             raise ValueError("--output must name a local folder or an object-storage URI")
         if isinstance(self.actors, str):
@@ -118,8 +135,8 @@ class JobConfig:
     def input_config(self) -> InputConfig:
         if self.task.extensions is not None:
             return InputConfig(input=self.input, limit=self.limit,
-                               extensions=self.task.extensions)
-        return InputConfig(input=self.input, limit=self.limit)
+                               extensions=self.task.extensions, asset=self.asset)
+        return InputConfig(input=self.input, limit=self.limit, asset=self.asset)
 
     def processor_config(self) -> ProcessorConfig:
         return ProcessorConfig(
@@ -130,7 +147,9 @@ class JobConfig:
             max_new_tokens=self.max_new_tokens, overrides=dict(self.overrides),
             prompt=self.prompt, task=self.task, image_size=self.image_size,
             max_pixels=self.max_pixels, decode_rows_per_task=self.decode_rows_per_task,
-            decode_in_actors=self.decode_in_actors)
+            decode_in_actors=self.decode_in_actors, chip_size=self.chip_size,
+            chip_overlap=self.chip_overlap, gsd=self.gsd, bands=self.bands,
+            stretch=tuple(self.stretch))
 
     def decode_config(self):
         return self.processor_config().decode_config()
@@ -237,7 +256,8 @@ def run(config: JobConfig) -> RunSummary:
             else config.rows_per_file or MAX_ROWS_PER_FILE
         sink = ParquetSink(config.output, output_schema(task.extra_fields), task.key_columns,
                            rows_per_file=rows_per_file,
-                           flush_seconds=config.flush_seconds).start()
+                           flush_seconds=config.flush_seconds,
+                           file_metadata=task.file_metadata).start()
         keyed_after_decode = task.key_columns != ("id",)
         # With --decode-in-actors decode runs in the actor task that answers a block, which
         # hands on no answer before the whole block is done: its blocks are cut to

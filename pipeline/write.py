@@ -19,6 +19,9 @@ write rewrites the same file instead of adding a duplicate.
 - object storage: uploaded straight to the final key (an object only appears once its
   upload completes, so a killed writer leaves nothing behind).
 
+`file_metadata`, when given, makes each file's schema metadata from the rows it holds (the
+GeoParquet `geo` key of the caption job: `pipeline.geo.geoparquet_metadata`).
+
 Readers (resume, pyarrow, Ray) skip names starting with `.` or `_`, so only whole files count.
 Each task returns its counts; the driver aggregates them into the run summary.
 """
@@ -122,6 +125,15 @@ def merge_stats(parts: Iterable[dict[str, Any]]) -> dict[str, Any]:
     return total
 
 
+def with_file_metadata(table: pa.Table,
+                       file_metadata: Callable[[pa.Table], dict[bytes, bytes]] | None) -> pa.Table:
+    """`table` with the schema metadata its file carries (GeoParquet's `geo`: pipeline.geo)."""
+    if file_metadata is None:
+        return table
+    return table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                          **file_metadata(table)})
+
+
 class RowBuffer:
     """Answered rows on their way to Parquet: `add` appends a conformed table and writes a
     file when `rows_per_file` rows are held (and at the first add, so a job's first answers
@@ -130,8 +142,9 @@ class RowBuffer:
     write task: same `token`) is taken once. Thread-safe; `clock` is for tests."""
 
     def __init__(self, output: str, key_columns: tuple[str, ...], rows_per_file: int,
-                 flush_seconds: float, clock: Callable[[], float] = time.monotonic):
-        self.output, self.key_columns = output, key_columns
+                 flush_seconds: float, clock: Callable[[], float] = time.monotonic,
+                 file_metadata: Callable[[pa.Table], dict[bytes, bytes]] | None = None):
+        self.output, self.key_columns, self.file_metadata = output, key_columns, file_metadata
         self.rows_per_file, self.flush_seconds, self.clock = rows_per_file, flush_seconds, clock
         self.tables: list[pa.Table] = []
         self.rows = 0
@@ -174,7 +187,7 @@ class RowBuffer:
 
     def _flush(self) -> None:
         # The rows stay buffered until the file is whole: a failed write loses nothing here.
-        table = pa.concat_tables(self.tables)
+        table = with_file_metadata(pa.concat_tables(self.tables), self.file_metadata)
         uri = write_table(table, self.output, part_name(table, self.key_columns))
         stats = batch_stats(table)
         stats["files"] = [uri]
@@ -212,7 +225,8 @@ class ParquetSink(Datasink[dict]):
 
     def __init__(self, output: str, schema: pa.Schema, key_columns: tuple[str, ...] = ("id",),
                  rows_per_file: int | None = None,
-                 flush_seconds: float = DEFAULT_FLUSH_SECONDS):
+                 flush_seconds: float = DEFAULT_FLUSH_SECONDS,
+                 file_metadata: Callable[[pa.Table], dict[bytes, bytes]] | None = None):
         if rows_per_file is not None and rows_per_file < 1:
             raise ValueError(f"--rows-per-file must be >= 1, got {rows_per_file}")
         if not flush_seconds > 0:
@@ -223,6 +237,8 @@ class ParquetSink(Datasink[dict]):
         self.rows_per_file = rows_per_file
         self.flush_seconds = flush_seconds
         self.buffer = None  # the RowBuffer actor, once start() made it
+        # Schema metadata of each file from its rows (GeoParquet's `geo`: pipeline.geo).
+        self.file_metadata = file_metadata
         self.stats: dict[str, Any] | None = None  # set on the driver when the write completes
 
     @property
@@ -234,7 +250,7 @@ class ParquetSink(Datasink[dict]):
         write); returns the sink."""
         actor = ray.remote(num_cpus=0, max_restarts=0)(_BufferActor)
         self.buffer = actor.remote(self.output, self.key_columns, self.rows_per_file or 1,
-                                   self.flush_seconds)
+                                   self.flush_seconds, file_metadata=self.file_metadata)
         return self
 
     def on_write_start(self, schema: pa.Schema | None = None) -> None:
@@ -252,6 +268,7 @@ class ParquetSink(Datasink[dict]):
         if self.buffer is not None:
             ray.get(self.buffer.add.remote(table, part_name(table, self.key_columns)))
             return {}
+        table = with_file_metadata(table, self.file_metadata)
         uri = write_table(table, self.output, part_name(table, self.key_columns))
         stats = batch_stats(table)
         stats["files"] = [uri]

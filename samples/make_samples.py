@@ -4,7 +4,10 @@ The images are drawn, not downloaded: patchworks of fields, roads, a river and b
 at 1600-2500 px so they exercise the pad-and-resize path to 1008 px. Deterministic (fixed
 seeds), so re-running rewrites the same files.
 
-    python samples/make_samples.py [--out samples/remote_sensing]
+    python samples/make_samples.py [--out samples/remote_sensing] [--scenes samples/scenes]
+
+`--scenes` gets one georeferenced scene for the chipping demo: a Cloud-Optimised GeoTIFF in
+UTM zone 33N at 0.25 m per pixel (JPEG tiles of 512 px, overviews), under 1 MB.
 """
 
 from __future__ import annotations
@@ -25,6 +28,11 @@ SAMPLES = [
 ]
 
 FIELD_COLOURS = [(112, 130, 62), (150, 140, 80), (90, 110, 50), (170, 150, 100), (70, 95, 45)]
+# (file name, width, height, seed): the georeferenced scene (chipped at 1008 px: 3 x 2 chips)
+SCENE = ("orthophoto_utm33n_2200x1800.tif", 2200, 1800, 6)
+SCENE_CRS = "EPSG:32633"
+SCENE_ORIGIN = (512_000.0, 5_043_000.0)  # upper-left corner, metres (near Graz, Austria)
+SCENE_RES = 0.25
 LANDCOVER_COLOURS = [(0, 100, 0), (240, 230, 140), (0, 0, 200), (200, 0, 0), (128, 128, 128)]
 
 
@@ -101,9 +109,32 @@ def make_landcover(width: int, height: int, seed: int) -> Image.Image:
     return img.quantize(colors=8, dither=Image.Dither.NONE)
 
 
+def make_scene(path: Path) -> None:
+    """The georeferenced sample: a village photo as a JPEG-compressed COG with a UTM CRS."""
+    import rasterio
+    import rasterio.shutil
+    from rasterio.enums import ColorInterp
+    from rasterio.io import MemoryFile
+    from rasterio.transform import from_origin
+
+    _, width, height, seed = SCENE
+    data = np.moveaxis(np.asarray(make_photo(width, height, seed, "village")), -1, 0)
+    profile = {"driver": "GTiff", "width": width, "height": height, "count": 3,
+               "dtype": "uint8", "crs": SCENE_CRS,
+               "transform": from_origin(*SCENE_ORIGIN, SCENE_RES, SCENE_RES)}
+    with MemoryFile() as mem:
+        with mem.open(**profile) as ds:
+            ds.write(data)
+            ds.colorinterp = [ColorInterp.red, ColorInterp.green, ColorInterp.blue]
+        with mem.open() as ds:
+            rasterio.shutil.copy(ds, str(path), driver="COG", blocksize=512, compress="JPEG",
+                                 quality=80, overview_resampling="average")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "remote_sensing")
+    parser.add_argument("--scenes", type=Path, default=Path(__file__).parent / "scenes")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     total = 0
@@ -117,6 +148,10 @@ def main() -> None:
         total += path.stat().st_size
         print(f"{path}  {width}x{height}  {path.stat().st_size / 1e3:.0f} kB")
     print(f"total {total / 1e6:.2f} MB")
+    args.scenes.mkdir(parents=True, exist_ok=True)
+    scene = args.scenes / SCENE[0]
+    make_scene(scene)
+    print(f"{scene}  {SCENE[1]}x{SCENE[2]}  {SCENE_CRS}  {scene.stat().st_size / 1e3:.0f} kB")
 
 
 if __name__ == "__main__":
