@@ -1,10 +1,15 @@
-"""Assemble and run a job: list -> resume -> the processor (decode -> predict -> [finalize]) ->
-write -> summary.
+"""Assemble and run a job: list -> resume -> the processor's stages (prompt -> decode ->
+[resume filter] -> predict -> [finalize]) -> the sink's write stage -> summary.
 
-`JobConfig` holds every knob a job exposes; its field names are the CLI flags
-(`batch_size` <-> `--batch-size`) and it validates itself with errors that name the flag.
-`run(config)` needs a connected Ray (`ray.init()`), returns the `RunSummary` and writes it as
-`_summary.json` beside the Parquet files.
+`JobConfig` holds what a job adds to the model stage (input, output, how the output is
+written) and that stage's `ProcessorConfig`; its keywords are the jobs' flags (`batch_size`
+<-> `--batch-size`, `actors` <-> `--actors`) and its errors name them. `run(config)` needs a
+connected Ray (`ray.init()`), returns the `RunSummary` and writes it as `_summary.json`
+beside the Parquet files.
+
+`run()` builds its processor from `model_stages` (no split stage: it hands over blocks already
+cut, see below), inserts the resume filter after decode for tasks keyed after it, appends the
+write stage and applies the list.
 
 Scale: a manifest (keyed by id, no --limit) is listed in the cluster by Ray Data read tasks
 (`pipeline.listing`), which drop the ids already written as they read: the driver holds no
@@ -19,26 +24,31 @@ buffer (`pipeline.write`): the first at once, then every `rows_per_file` rows or
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import pyarrow as pa
 import ray
 
-from flexattn.options import DEFAULT_HIGHRES_SIZE
 from pipeline import inputs
 from pipeline.columns import output_schema
-from pipeline.decode import DEFAULT_MAX_PIXELS
 from pipeline.inputs import InputConfig, iter_inputs
 from pipeline.listing import manifest_files, read_manifest_inputs
-from pipeline.predict import DEMO_MODEL
-from pipeline.processor import Processor, ProcessorConfig, add_task_columns
+from pipeline.processor import (
+    Processor,
+    ProcessorConfig,
+    Stage,
+    add_task_columns,
+    build_processor,
+    model_stages,
+)
 from pipeline.resume import DoneKeys, drop_done_blocks, drop_written, prepare_output
 from pipeline.storage import open_fs, to_uri
 from pipeline.summary import RunSummary
-from pipeline.tasks import CAPTION, Task
 from pipeline.write import DEFAULT_FLUSH_SECONDS, ParquetSink
 
 logger = logging.getLogger(__name__)
@@ -72,42 +82,50 @@ def parse_actors(text: str) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
-@dataclass
+def _processor_name(name: str) -> str:
+    """A job's name for a processor field -> the field: the jobs say actor where the
+    processor says replica (`actors` is `concurrency`, `gpus_per_actor` `gpus_per_replica`)."""
+    return "concurrency" if name == "actors" else name.replace("_per_actor", "_per_replica")
+
+
+@dataclass(init=False)
 class JobConfig:
+    """A job: where its inputs and outputs are, how its output is written, and the
+    `ProcessorConfig` of the model stage.
+
+    `JobConfig(input=..., output=..., processor=ProcessorConfig(...))`, or the processor's
+    fields given loose under the jobs' names (`batch_size=8, actors=(1, 4),
+    gpus_per_actor=1`), as the job scripts pass their parsed flags; those names read back too
+    (`config.actors` is `config.processor.concurrency`)."""
+
     input: str
     output: str
-    task: Task = CAPTION
-    prompt: str | None = None  # default: the task's prompt; a manifest `question` wins per row
-    model: str = DEMO_MODEL
-    vision_tower: str | None = None
-    mode: str = "flexattn"
-    dtype: str | None = None
-    batch_size: int = 4  # rows per generate() call on an actor
-    actors: tuple[int, int] = (1, 1)  # autoscaling actor pool MIN, MAX
-    gpus_per_actor: float | None = None  # None: 1 if the cluster has GPUs, else 0
-    cpus_per_actor: float = 1.0
-    memory_per_actor_gb: float = 2.0  # host memory reserved per replica
-    max_new_tokens: int = 64
+    processor: ProcessorConfig
     limit: int | None = None
     overwrite: bool = False
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    image_size: int = DEFAULT_HIGHRES_SIZE  # the model's highres_size
-    decode_rows_per_task: int = 8
-    # Decode inside the model actors (Ray Data fuses the stages) instead of in CPU tasks: for
-    # CPU-only clusters whose actors already keep every core busy, where it saves moving each
-    # decoded image through the object store to a separate process.
-    decode_in_actors: bool = False
-    overrides: dict = field(default_factory=dict)  # run-time model options (e.g. threshold)
     rows_per_file: int | None = None  # None: about 1% of the rows to run, 1 batch to 500
     flush_seconds: float = DEFAULT_FLUSH_SECONDS  # the longest an answer waits to be written
     max_error_fraction: float = 1.0  # the job fails (exit 1) above this share of error rows
 
-    def __post_init__(self) -> None:
+    def __init__(self, input: str, output: str, processor: ProcessorConfig | None = None,
+                 **values: Any):
+        self.input, self.output = input, output
+        for f in dataclasses.fields(self):
+            if f.name not in ("input", "output", "processor"):
+                setattr(self, f.name, values.pop(f.name, f.default))
+        if processor is not None and values:
+            raise TypeError(f"JobConfig takes a processor or its fields, not both: {values}")
+        if processor is None:
+            actors = values.pop("actors", (1, 1))
+            values["concurrency"] = parse_actors(
+                ",".join(map(str, actors)) if isinstance(actors, tuple | list) else actors)
+            processor = ProcessorConfig(**{_processor_name(k): v for k, v in values.items()})
+        self.processor = processor
+        self._validate()
+
+    def _validate(self) -> None:
         if not str(self.output).strip():
             raise ValueError("--output must name a local folder or an object-storage URI")
-        if isinstance(self.actors, str):
-            self.actors = parse_actors(self.actors)
-        parse_actors(",".join(map(str, self.actors)))
         if self.rows_per_file is not None and self.rows_per_file < 1:
             raise ValueError(f"--rows-per-file must be >= 1, got {self.rows_per_file}")
         if not self.flush_seconds > 0:
@@ -115,43 +133,36 @@ class JobConfig:
         if not 0.0 <= self.max_error_fraction <= 1.0:
             raise ValueError(
                 f"--max-error-fraction must be between 0 and 1, got {self.max_error_fraction}")
-        # The stage configs validate the rest (--input, --limit, --batch-size, --mode, ...).
-        self.input_config(), self.processor_config()
+        self.input_config()  # --input, --limit
+
+    def __getattr__(self, name: str) -> Any:
+        processor = self.__dict__.get("processor")
+        if processor is None or name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            return getattr(processor, _processor_name(name))
+        except AttributeError:
+            raise AttributeError(f"JobConfig has no attribute {name!r}") from None
+
+    @classmethod
+    def keywords(cls) -> set[str]:
+        """The keywords `JobConfig(...)` takes besides `processor`."""
+        processor = {"actors" if f.name == "concurrency"
+                     else f.name.replace("_per_replica", "_per_actor")
+                     for f in dataclasses.fields(ProcessorConfig)}
+        return {f.name for f in dataclasses.fields(cls)} - {"processor"} | processor
 
     def input_config(self) -> InputConfig:
-        if self.task.extensions is not None:
-            return InputConfig(input=self.input, limit=self.limit,
-                               extensions=self.task.extensions)
+        extensions = self.processor.task.extensions
+        if extensions is not None:
+            return InputConfig(input=self.input, limit=self.limit, extensions=extensions)
         return InputConfig(input=self.input, limit=self.limit)
-
-    def processor_config(self) -> ProcessorConfig:
-        return ProcessorConfig(
-            model=self.model, vision_tower=self.vision_tower, mode=self.mode, dtype=self.dtype,
-            batch_size=self.batch_size, concurrency=tuple(self.actors),
-            gpus_per_replica=self.gpus_per_actor, cpus_per_replica=self.cpus_per_actor,
-            memory_per_replica_gb=self.memory_per_actor_gb,
-            max_new_tokens=self.max_new_tokens, overrides=dict(self.overrides),
-            prompt=self.prompt, task=self.task, image_size=self.image_size,
-            max_pixels=self.max_pixels, decode_rows_per_task=self.decode_rows_per_task,
-            decode_in_actors=self.decode_in_actors)
-
-    def decode_config(self):
-        return self.processor_config().decode_config()
-
-    def predict_config(self):
-        return self.processor_config().predict_config()
-
-    def resolved_gpus_per_actor(self) -> float:
-        return self.processor_config().resolved_gpus_per_replica()
-
-    def check_cpu_budget(self) -> None:
-        """Refuse CPU-only actors that would take every CPU (see ProcessorConfig)."""
-        self.processor_config().check_cpu_budget()
 
     def resolved_rows_per_file(self, rows_to_run: int) -> int:
         if self.rows_per_file is not None:
             return self.rows_per_file
-        return min(MAX_ROWS_PER_FILE, max(self.batch_size, rows_to_run // FILES_PER_RUN))
+        return min(MAX_ROWS_PER_FILE, max(self.processor.batch_size,
+                                          rows_to_run // FILES_PER_RUN))
 
 
 def put_inputs(config: InputConfig) -> tuple[list, int]:
@@ -175,31 +186,59 @@ def done_keys(output: str, key_columns: tuple[str, ...], task: str) -> DoneKeys:
     return DoneKeys.collect(output, key_columns, task)
 
 
-def build_dataset(config: JobConfig, todo, done: pa.Table | DoneKeys | None = None,
-                  split_blocks: bool = True):
-    """The lazy Ray Dataset for `todo` (the inputs still to run: a table or a Dataset); `done`
-    filters rows after decode, for tasks keyed after it. `split_blocks`: see `Processor`."""
-    ds = ray.data.from_arrow(todo) if isinstance(todo, pa.Table) else todo
+def resume_stage(processor: Processor, done: pa.Table | DoneKeys | None) -> Processor:
+    """`processor` with the resume filter after decode when `done` holds keys (tasks keyed
+    after decode): it asks for decode's resources, so that it runs where decode runs."""
     ref = done.ref if isinstance(done, DoneKeys) else (
         ray.put(done) if done is not None and done.num_rows else None)
-    after = None
-    if ref is not None:
-        after = (drop_written, {"done": ref, "key_columns": config.task.key_columns})
-    return Processor(config.processor_config(), after_decode=after,
-                     split_blocks=split_blocks)(ds)
+    if ref is None:
+        return processor
+    return processor.insert(Stage(
+        "resume", drop_written,
+        {"fn_kwargs": {"done": ref, "key_columns": processor.config.task.key_columns},
+         "batch_size": None, "batch_format": "pyarrow"},
+        processor.stage("decode").ray_remote_args), after="decode")
+
+
+@dataclass
+class WriteStage:
+    """The sink: its write tasks ask for no CPU (WRITE_ARGS) and hand their rows to the
+    sink's buffer (`ParquetSink.start()`). The stage runs the dataset."""
+
+    sink: ParquetSink
+    max_block_bytes: int  # decoded blocks' size cap, set on the dataset before it runs
+    ray_remote_args: dict = field(default_factory=lambda: dict(WRITE_ARGS))
+    name: str = "write"
+
+    def __call__(self, ds: ray.data.Dataset) -> ray.data.Dataset:
+        # Blocks of decode_rows_per_task decoded images: Ray Data's default (128 MiB) would
+        # put ~40 of them in a block, and an actor answers a block's rows before it hands any
+        # of them on; with a block a batch, answers reach the write one batch at a time.
+        ds.context.target_max_block_size = min(
+            ds.context.target_max_block_size or DECODED_BLOCK_CAP, self.max_block_bytes)
+        ds.write_datasink(self.sink, concurrency=1, ray_remote_args=dict(self.ray_remote_args))
+        return ds
+
+
+def build_dataset(config: JobConfig, todo, done: pa.Table | DoneKeys | None = None):
+    """The lazy Ray Dataset of `build_processor`'s stages (the split included) over `todo`
+    (the inputs still to run: a table or a Dataset), with the resume filter when `done`
+    holds keys (tasks keyed after decode)."""
+    ds = ray.data.from_arrow(todo) if isinstance(todo, pa.Table) else todo
+    return resume_stage(build_processor(config.processor), done)(ds)
 
 
 def _listed_inputs(config: JobConfig, done: DoneKeys):
     """(Dataset of the inputs to run, rows listed, rows skipped, rows to run); the counts are
     None when the listing streams (`pipeline.listing`: a manifest, keyed by id, no --limit),
     and then come from `listing.totals()` after the run (the fifth element, else None)."""
-    task = config.task
+    task, processor = config.processor.task, config.processor
     keyed_at_listing = task.key_columns == ("id",)
     files = manifest_files(config.input_config()) if keyed_at_listing and config.limit is None \
         else None
     if files is not None:
-        ds, source = read_manifest_inputs(files, done.ref, "id", config.decode_rows_per_task,
-                                          IN_ACTOR_BLOCK_ROWS if config.decode_in_actors
+        ds, source = read_manifest_inputs(files, done.ref, "id", processor.decode_rows_per_task,
+                                          IN_ACTOR_BLOCK_ROWS if processor.decode_in_actors
                                           else inputs.LISTING_BLOCK_ROWS)
         return ds, None, None, None, source
     blocks, listed = put_inputs(config.input_config())
@@ -216,9 +255,9 @@ def _listed_inputs(config: JobConfig, done: DoneKeys):
     # `from_arrow_refs` runs a Ray task per block for them.
     # With --decode-in-actors an actor answers a whole block before it hands any row on, so
     # its blocks stay small at every size.
-    if config.decode_in_actors or to_run <= inputs.LISTING_BLOCK_ROWS:
+    if processor.decode_in_actors or to_run <= inputs.LISTING_BLOCK_ROWS:
         rows = IN_ACTOR_BLOCK_ROWS if to_run > inputs.LISTING_BLOCK_ROWS \
-            else config.decode_rows_per_task
+            else processor.decode_rows_per_task
         small = [t for ref in blocks for t in cut_table(ray.get(ref), rows)]
         ds = ray.data.from_blocks(small) if small else None
     else:
@@ -230,8 +269,9 @@ def run(config: JobConfig) -> RunSummary:
     """Run the job to completion; rerunning with the same output only does what is missing."""
     start = time.perf_counter()
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
-    config.check_cpu_budget()
-    task = config.task
+    task = config.processor.task
+    processor = Processor(config.processor, model_stages(config.processor))
+    processor.resolve()  # GPUs 'auto' and the CPU budget, before anything is listed
     prepare_output(config.output, config.overwrite)
     done = done_keys(config.output, task.key_columns, task.name)
     ds, listed, skipped, to_run, streamed = _listed_inputs(config, done)
@@ -246,16 +286,11 @@ def run(config: JobConfig) -> RunSummary:
         sink = ParquetSink(config.output, output_schema(task.extra_fields), task.key_columns,
                            rows_per_file=rows_per_file,
                            flush_seconds=config.flush_seconds).start()
-        keyed_after_decode = task.key_columns != ("id",)
-        ds = build_dataset(config, ds, done if keyed_after_decode else None, split_blocks=False)
-        # Blocks of decode_rows_per_task decoded images: Ray Data's default (128 MiB) would
-        # put ~40 of them in a block, and an actor answers a block's rows before it hands any
-        # of them on; with a block a batch, answers reach the write one batch at a time.
-        ds.context.target_max_block_size = min(
-            ds.context.target_max_block_size or DECODED_BLOCK_CAP,
-            config.decode_rows_per_task * config.image_size ** 2 * 3)
-        # The write asks for no CPU (WRITE_ARGS) and hands its rows to the sink's buffer.
-        ds.write_datasink(sink, concurrency=1, ray_remote_args=dict(WRITE_ARGS))
+        if task.key_columns != ("id",):  # keyed after decode: not filtered at listing
+            resume_stage(processor, done)
+        rows, side = config.processor.decode_rows_per_task, config.processor.image_size
+        processor.insert(WriteStage(sink, max_block_bytes=rows * side ** 2 * 3))
+        processor(ds)
         stats = sink.stats or {}
     if streamed is not None:
         listed, skipped, repeated = streamed.totals()
@@ -270,7 +305,7 @@ def run(config: JobConfig) -> RunSummary:
         stats,
         elapsed_s=time.perf_counter() - start,
         task=task.name,
-        model=", ".join(stats.get("models", [])) or config.model,
+        model=", ".join(stats.get("models", [])) or config.processor.model,
         output=to_uri(*open_fs(config.output)),
         rows_listed=listed,
         rows_skipped=skipped,
