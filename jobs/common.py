@@ -1,14 +1,13 @@
 """Flags every job shares (docs/DESIGN.md section 6) and the start-up they share.
 
-Each flag maps to the `JobConfig` field of the same name (`--batch-size` <-> `batch_size`);
-a job adds its own flags, then calls `job_config(parser, args, task)`, which turns a
+Each flag maps to the `JobConfig` keyword of the same name (`--batch-size` <-> `batch_size`,
+`--actors` <-> `actors`, which is the processor's `concurrency`); a job adds its own flags, then calls `job_config(parser, args, task)`, which turns a
 `ValueError` from the config into argparse's exit 2 naming the flag.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 
@@ -31,42 +30,43 @@ def job_parser(prog: str, doc: str, *, default_input: str, default_output: str,
     `defaults` override JobConfig's defaults (e.g. batch_size=2); no `--prompt` when
     `prompt_help` is None (every row brings its own question). The job adds its own flags."""
     p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
-    d = dataclasses.replace(JobConfig(input=default_input, output=default_output), **defaults)
+    d = JobConfig(input=default_input, output=default_output, **defaults)
+    m = d.processor
     p.add_argument("--input", default=default_input, help=f"{input_help} (default: %(default)s)")
     p.add_argument("--output", default=default_output,
                    help="folder or s3:// / gs:// prefix (default: %(default)s)")
-    p.add_argument("--model", default=d.model,
+    p.add_argument("--model", default=m.model,
                    help="checkpoint directory, an object-storage URI of one, or 'demo' "
                         "(default: %(default)s)")
     p.add_argument("--vision-tower", default=None,
                    help="CLIP tower directory or URI (default: from the checkpoint's config)")
     if prompt_help is not None:
         p.add_argument("--prompt", default=None, help=prompt_help)
-    p.add_argument("--mode", default=d.mode,
+    p.add_argument("--mode", default=m.mode,
                    help="flexattn, lowres or fullres (default: %(default)s)")
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 "
                    "(default: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size,
+    p.add_argument("--batch-size", type=int, default=m.batch_size,
                    help="rows per generate() call on an actor (default: %(default)s)")
     p.add_argument("--actors", default="1",
                    help="actor pool size MIN[,MAX], autoscaling (default: %(default)s)")
     p.add_argument("--gpus-per-actor", type=_gpus, default="auto",
                    help="GPUs per actor, or 'auto': 1 if the cluster has GPUs, else 0 "
                         "(default: auto)")
-    p.add_argument("--cpus-per-actor", type=float, default=d.cpus_per_actor,
+    p.add_argument("--cpus-per-actor", type=float, default=m.cpus_per_replica,
                    help="(default: %(default)s)")
-    p.add_argument("--memory-per-actor-gb", type=float, default=d.memory_per_actor_gb,
+    p.add_argument("--memory-per-actor-gb", type=float, default=m.memory_per_replica_gb,
                    help="host memory reserved per model replica (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+    p.add_argument("--max-new-tokens", type=int, default=m.max_new_tokens,
                    help="(default: %(default)s)")
     p.add_argument("--limit", type=int, default=None,
                    help="only the first N inputs in listing order (default: all)")
-    p.add_argument("--max-pixels", type=int, default=d.max_pixels,
+    p.add_argument("--max-pixels", type=int, default=m.max_pixels,
                    help="larger images become error rows (default: %(default)s)")
-    p.add_argument("--image-size", type=int, default=d.image_size,
+    p.add_argument("--image-size", type=int, default=m.image_size,
                    help="side of the padded square decode produces, the model's "
                         "highres_size (default: %(default)s)")
-    p.add_argument("--decode-rows-per-task", type=int, default=d.decode_rows_per_task,
+    p.add_argument("--decode-rows-per-task", type=int, default=m.decode_rows_per_task,
                    help="inputs per CPU decode task (default: %(default)s)")
     p.add_argument("--decode-in-actors", action="store_true",
                    help="decode in the model actors instead of in CPU tasks (Ray Data fuses the"
@@ -120,12 +120,13 @@ def add_raster_arguments(p: argparse.ArgumentParser) -> None:
 
 def job_config(parser: argparse.ArgumentParser, args: argparse.Namespace, task: Task,
                **fields) -> JobConfig:
-    """JobConfig from the parsed flags of the same names, plus `fields`."""
+    """JobConfig from the parsed flags of the same names, plus `fields`; a bad value exits 2
+    naming its flag."""
     if args.save_overlays < 0:
         parser.error(f"--save-overlays must be >= 0, got {args.save_overlays}")
     if getattr(args, "save_scene_maps", 0) < 0:
         parser.error(f"--save-scene-maps must be >= 0, got {args.save_scene_maps}")
-    names = {f.name for f in dataclasses.fields(JobConfig)}
+    names = JobConfig.keywords()
     values = {k: v for k, v in vars(args).items() if k in names} | fields
     try:
         return JobConfig(task=task, **values)
@@ -157,7 +158,7 @@ def finish(config: JobConfig, args: argparse.Namespace, summary: RunSummary) -> 
     from pipeline.resume import read_output
 
     files = "Parquet and _summary.json"
-    report = config.task.report
+    report = config.processor.task.report
     scores = None
     if report is not None:
         scores = report.summarize(read_output(config.output, columns=list(report.columns)))
@@ -169,8 +170,8 @@ def finish(config: JobConfig, args: argparse.Namespace, summary: RunSummary) -> 
         print()
         print(format_table(report.title, report.rows(scores)))
     if args.save_overlays:
-        written = save_overlays(config.output, args.save_overlays, config.task.expand,
-                                config.decode_config())
+        written = save_overlays(config.output, args.save_overlays, config.processor.task.expand,
+                                config.processor.decode_config())
         print(f"{len(written)} overlay(s) under {config.output}/_overlays")
     print(f"{files} under {config.output}")
     reason = summary.failure(config.max_error_fraction)

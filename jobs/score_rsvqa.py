@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"score_rsvqa.py: error: {exc}", file=sys.stderr)
         return 2
     start(args)
-    asked = job_config(build_parser(), args, config.task,
+    asked = job_config(build_parser(), args, config.processor.task,
                        input=write_questions(questions, config.output))
     return finish(config, args, run(asked))
 

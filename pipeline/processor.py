@@ -19,13 +19,14 @@ selection statistics, timings, `selection_map`, `tflops`) and `error` / `error_s
 whose image cannot be read or decoded, or whose generation fails, is an error row and the
 rest go on.
 
-Stages: [preprocess] -> split into blocks of `decode_rows_per_task` rows inside the cluster (a
-streaming repartition) -> prompts and decode (CPU tasks) -> [after_decode] -> predict (an
-autoscaling pool of actors, one model replica each) -> [the task's finalize] ->
-[postprocess]. `run()` skips the split (`split_blocks=False`): it hands over blocks that
-are already decode-sized (small jobs) or decodes each 10k-row listing block in one task, a
-few rows at a time, since on a small cluster the streaming repartition of such blocks holds
-the CPUs the decode tasks need.
+Stages, in the manner of `ray.data.llm`: a `Processor` is a list of stage objects, each
+carrying its own `map_batches` and resource arguments, applied in order between the optional
+`preprocess` and `postprocess`. `build_processor` lists split (blocks of
+`decode_rows_per_task` rows, cut in the cluster as they stream) -> prompt -> decode (CPU
+tasks) -> predict (an autoscaling pool of actors, one model replica each) -> [the task's
+finalize]. `run()` lists the same stages without the split (it hands over blocks already
+cut), puts its resume filter after decode for tasks keyed after it, and appends its sink; a
+user adds a stage the same way (`Processor.insert`).
 """
 
 from __future__ import annotations
@@ -192,80 +193,155 @@ def add_task_columns(inputs: pa.Table, task: Task, prompt: str | None) -> pa.Tab
     return inputs
 
 
-class Processor:
-    """Dataset -> Dataset: the rows answered (see the module's docstring). `after_decode` is
-    `(fn, fn_kwargs)`, a batch filter run between decode and predict (resume for tasks keyed
-    after decode)."""
 
-    def __init__(self, config: ProcessorConfig, preprocess: Callable[[Row], Row] | None = None,
-                 postprocess: Callable[[Row], Row] | None = None,
-                 after_decode: tuple[Callable[..., pa.Table], dict] | None = None,
-                 split_blocks: bool = True):
+class ReplicaArgs(Mapping[str, Any]):
+    """The Ray resources of one model replica (`ProcessorConfig.actor_args`), asked of the
+    cluster when first read and kept: 'auto' GPUs and the CPU budget check need a connected
+    Ray, so a processor can be built before `ray.init()`, and the check runs once."""
+
+    def __init__(self, config: ProcessorConfig):
         self.config = config
-        self.split_blocks = split_blocks
-        self.preprocess = preprocess
-        self.postprocess = postprocess
-        self.after_decode = after_decode
+        self._args: dict[str, Any] | None = None
+
+    def _resolved(self) -> dict[str, Any]:
+        if self._args is None:
+            self.config.check_cpu_budget()
+            self._args = self.config.actor_args()
+        return self._args
+
+    def __getitem__(self, key: str) -> Any:
+        return self._resolved()[key]
+
+    def __iter__(self):
+        return iter(self._resolved())
+
+    def __len__(self) -> int:
+        return len(self._resolved())
+
+    def __repr__(self) -> str:
+        return f"ReplicaArgs({self._args if self._args is not None else 'unresolved'})"
+
+
+@dataclass
+class Stage:
+    """One step of a processor: `ds.map_batches(fn, **map_batches_kwargs, **ray_remote_args)`.
+    `map_batches_kwargs` holds what shapes the call (`batch_size`, `batch_format`, `fn_kwargs`,
+    `fn_constructor_kwargs`, `compute`, `udf_modifying_row_count`); `ray_remote_args` what
+    each task or actor asks of the cluster (`num_cpus`, `num_gpus`, `memory`, `runtime_env`).
+    Ray Data fuses consecutive stages that ask for the same resources into one operator."""
+
+    name: str
+    fn: Callable[..., Any]
+    map_batches_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    ray_remote_args: Mapping[str, Any] = field(default_factory=dict)
 
     def __call__(self, ds: ray.data.Dataset) -> ray.data.Dataset:
-        config = self.config
-        config.check_cpu_budget()
-        actor_args = config.actor_args()
-        # Ray Data fuses a task stage into the actor stage after it when both ask for the same
-        # resources. By default decode asks for other ones (a whole CPU, no memory reservation,
-        # no runtime_env), so it runs in parallel tasks while the actors generate. With
-        # decode_in_actors the stages before predict ask for the actors' very resources, which
-        # is what lets Ray Data fuse them into the actor operator.
-        stage_args = actor_args if config.decode_in_actors else {"num_cpus": 1}
+        return ds.map_batches(self.fn, **self.map_batches_kwargs, **self.ray_remote_args)
+
+
+@dataclass
+class SplitStage:
+    """The input's blocks as blocks of `rows` rows, cut in the cluster as they stream (Ray
+    Data's streaming repartition), so that decode runs in many small tasks whatever the
+    input's blocks. `run()` leaves it out: it hands over blocks already cut, since on a small
+    cluster the repartition of 10k-row listing blocks holds the CPUs decode needs."""
+
+    rows: int
+    name: str = "split"
+
+    def __call__(self, ds: ray.data.Dataset) -> ray.data.Dataset:
+        return ds.repartition(target_num_rows_per_block=self.rows)
+
+
+def model_stages(config: ProcessorConfig) -> list[Stage]:
+    """prompt -> decode -> predict -> [finalize]: the stages every processor runs."""
+    replica = ReplicaArgs(config)
+    # Ray Data fuses a task stage into the actor stage after it when both ask for the same
+    # resources. By default decode asks for other ones (a whole CPU, no memory reservation, no
+    # runtime_env), so it runs in parallel tasks while the actors generate; with
+    # decode_in_actors the stages before predict ask for the replica's very resources, which
+    # is what lets Ray Data fuse them into the actor operator.
+    before_predict = replica if config.decode_in_actors else {"num_cpus": 1}
+    # One decode task per input block, decode_rows_per_task rows at a time, each batch
+    # handed on as it is done.
+    rows = {"batch_size": config.decode_rows_per_task, "batch_format": "pyarrow"}
+    low, high = config.pool_size
+    decode = config.decode_config()
+    chips = decode.raster is not None and decode.raster.chipped  # many rows per scene
+    stages = [
+        Stage("prompt", add_task_columns,
+              {**rows, "fn_kwargs": {"task": config.task, "prompt": config.prompt},
+               "udf_modifying_row_count": False}, before_predict),
+        Stage("decode", decode_stream if chips else decode_batch,
+              {**rows, "fn_kwargs": {"config": decode},
+               "udf_modifying_row_count": config.task.expand is not None or chips},
+              before_predict),
+        Stage("predict", Predictor,
+              {"fn_constructor_kwargs": {"config": config.predict_config()},
+               "batch_size": config.batch_size, "batch_format": "pyarrow",
+               "compute": ray.data.ActorPoolStrategy(min_size=low, max_size=high),
+               "udf_modifying_row_count": False}, replica),
+    ]
+    if config.task.finalize is not None:
+        # No CPU asked, as for the write it feeds: a stage after the model that asks for a
+        # CPU gets no budget while decode and the actors hold every CPU.
+        stages.append(Stage("finalize", config.task.finalize,
+                            {"batch_size": None, "batch_format": "pyarrow",
+                             "udf_modifying_row_count": False}, {"num_cpus": 0}))
+    return stages
+
+
+class Processor:
+    """Dataset -> Dataset: [preprocess] -> each stage in order -> [postprocess] (see the
+    module's docstring). A stage is any callable from Dataset to Dataset with a `name`
+    (`Stage`, `SplitStage`, `pipeline.run`'s resume filter and sink); `insert` adds one."""
+
+    def __init__(self, config: ProcessorConfig, stages: list,
+                 preprocess: Callable[[Row], Row] | None = None,
+                 postprocess: Callable[[Row], Row] | None = None):
+        self.config = config
+        self.stages = list(stages)
+        self.preprocess = preprocess
+        self.postprocess = postprocess
+
+    def __call__(self, ds: ray.data.Dataset) -> ray.data.Dataset:
         if self.preprocess is not None:
             ds = ds.map(self.preprocess)
-        rows = config.decode_rows_per_task
-        if self.split_blocks:
-            # The input's blocks become blocks of decode_rows_per_task rows in the cluster, as
-            # they stream, so decode runs in many small tasks whatever the input's blocks.
-            ds = ds.repartition(target_num_rows_per_block=rows)
-            rows = None  # each decode task takes its whole (small) block
-        # Without split_blocks (run()): one decode task per block, decoding decode_rows_per_task
-        # rows at a time and handing them on as it goes.
-        # The streaming repartition holds a CPU for as long as its outputs wait: on a 2-CPU
-        # machine with 10k-row blocks the decode tasks then never got one.
-        ds = ds.map_batches(add_task_columns, fn_kwargs={"task": config.task,
-                                                         "prompt": config.prompt},
-                            batch_size=rows, batch_format="pyarrow",
-                            udf_modifying_row_count=False, **stage_args)
-        decode = config.decode_config()
-        chips = decode.raster is not None and decode.raster.chipped  # many rows per scene
-        ds = ds.map_batches(decode_stream if chips else decode_batch, fn_kwargs={"config": decode},
-                            batch_size=rows, batch_format="pyarrow",
-                            udf_modifying_row_count=config.task.expand is not None or chips,
-                            **stage_args)
-        if self.after_decode is not None:
-            fn, kwargs = self.after_decode
-            ds = ds.map_batches(fn, fn_kwargs=kwargs, batch_size=None, batch_format="pyarrow",
-                                **stage_args)
-        low, high = config.pool_size
-        ds = ds.map_batches(
-            Predictor,
-            fn_constructor_kwargs={"config": config.predict_config()},
-            batch_size=config.batch_size,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
-            udf_modifying_row_count=False,
-            **actor_args,
-        )
-        if config.task.finalize is not None:
-            # No CPU asked, as for the write it feeds: a stage after the model that asks for
-            # a CPU gets no budget while decode and the actors hold every CPU.
-            ds = ds.map_batches(config.task.finalize, batch_size=None, batch_format="pyarrow",
-                                udf_modifying_row_count=False, num_cpus=0)
+        for stage in self.stages:
+            ds = stage(ds)
         if self.postprocess is not None:
             ds = ds.map(self.postprocess)
         return ds
+
+    def names(self) -> list[str]:
+        return [stage.name for stage in self.stages]
+
+    def stage(self, name: str):
+        """The first stage called `name`."""
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(f"no stage {name!r}; the stages are {self.names()}")
+
+    def insert(self, stage, after: str | None = None) -> Processor:
+        """`stage` after the stage called `after`, else at the end (before postprocess)."""
+        at = len(self.stages) if after is None else self.stages.index(self.stage(after)) + 1
+        self.stages.insert(at, stage)
+        return self
+
+    def resolve(self) -> None:
+        """Ask the cluster now for the resources the stages take from it (GPUs 'auto', the
+        CPU budget check), so that a config it cannot run fails before any work; otherwise
+        that happens when the processor is applied. Needs a connected Ray."""
+        for stage in self.stages:
+            dict(getattr(stage, "ray_remote_args", {}))
 
 
 def build_processor(config: ProcessorConfig, preprocess: Callable[[Row], Row] | None = None,
                     postprocess: Callable[[Row], Row] | None = None) -> Processor:
     """A callable from Dataset to Dataset that answers every row (`ray.data.llm`'s
-    `build_llm_processor`, for LLaVA-FlexAttn). `preprocess` and `postprocess` map one row
-    (a dict) to another, before the stages and after them."""
-    return Processor(config, preprocess, postprocess)
+    `build_llm_processor`, for LLaVA-FlexAttn): split -> prompt -> decode -> predict ->
+    [finalize]. `preprocess` and `postprocess` map one row (a dict) to another, before the
+    stages and after them."""
+    return Processor(config, [SplitStage(config.decode_rows_per_task), *model_stages(config)],
+                     preprocess, postprocess)

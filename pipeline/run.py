@@ -1,45 +1,57 @@
-"""Assemble and run a job: list -> resume -> the processor (decode -> predict -> [finalize]) ->
-write -> summary.
+"""Assemble and run a job: list -> resume -> the processor's stages (prompt -> decode ->
+[resume filter] -> predict -> [finalize]) -> the sink's write stage -> summary.
 
-`JobConfig` holds every knob a job exposes; its field names are the CLI flags
-(`batch_size` <-> `--batch-size`) and it validates itself with errors that name the flag.
-`run(config)` needs a connected Ray (`ray.init()`), returns the `RunSummary` and writes it as
-`_summary.json` beside the Parquet files.
+`JobConfig` holds what a job adds to the model stage (input, output, how the output is
+written) and that stage's `ProcessorConfig`; its keywords are the jobs' flags (`batch_size`
+<-> `--batch-size`, `actors` <-> `--actors`) and its errors name them. `run(config)` needs a
+connected Ray (`ray.init()`), returns the `RunSummary` and writes it as `_summary.json`
+beside the Parquet files.
 
-Scale: a manifest (keyed by id, no --limit) is listed in the cluster by Ray Data read tasks
+`run()` builds its processor from `model_stages` (no split stage unless --decode-in-actors: it
+hands over blocks already cut, see below), inserts the resume filter after decode for tasks keyed after it, appends the
+write stage and applies the list.
+
+Scale: a manifest of more than one listing block (keyed by id, no --limit) is listed in the cluster by Ray Data read tasks
 (`pipeline.listing`), which drop the ids already written as they read: the driver holds no
 per-input state. Other inputs (folders, globs, --limit, tasks keyed after decode) are listed
 by the driver into the object store in blocks of `pipeline.inputs.LISTING_BLOCK_ROWS` rows and
 filtered by Ray tasks (`pipeline.resume`). Either way a large block is one decode task that
-hands on `decode_rows_per_task` rows at a time, and the first rows are cut into decode-sized
-blocks so that a small job decodes in parallel. Answers go to Parquet through the sink's
+hands on `decode_rows_per_task` rows at a time; a job of at most one listing block is cut into
+decode-sized blocks so that it decodes in parallel. Answers go to Parquet through the sink's
 buffer (`pipeline.write`): the first at once, then every `rows_per_file` rows or
 `flush_seconds`, whichever comes first.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import pyarrow as pa
 import ray
 
-from flexattn.options import DEFAULT_HIGHRES_SIZE
 from pipeline import inputs
 from pipeline.columns import output_schema
-from pipeline.decode import DEFAULT_MAX_PIXELS
 from pipeline.inputs import InputConfig, iter_inputs
 from pipeline.listing import large_manifest, manifest_files, read_manifest_inputs
-from pipeline.predict import DEMO_MODEL
-from pipeline.processor import DEFAULT_STRETCH, Processor, ProcessorConfig, add_task_columns
+from pipeline.processor import (
+    Processor,
+    ProcessorConfig,
+    SplitStage,
+    Stage,
+    add_task_columns,
+    build_processor,
+    model_stages,
+)
 from pipeline.raster import parse_numbers
 from pipeline.resume import DoneKeys, drop_done_blocks, drop_written, prepare_output
 from pipeline.storage import open_fs, to_uri
 from pipeline.summary import RunSummary
-from pipeline.tasks import CAPTION, Task, chipped
+from pipeline.tasks import chipped
 from pipeline.write import DEFAULT_FLUSH_SECONDS, ParquetSink
 
 logger = logging.getLogger(__name__)
@@ -70,58 +82,55 @@ def parse_actors(text: str) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
-@dataclass
+def _processor_name(name: str) -> str:
+    """A job's name for a processor field -> the field: the jobs say actor where the
+    processor says replica (`actors` is `concurrency`, `gpus_per_actor` `gpus_per_replica`)."""
+    return "concurrency" if name == "actors" else name.replace("_per_actor", "_per_replica")
+
+
+@dataclass(init=False)
 class JobConfig:
+    """A job: where its inputs and outputs are, how its output is written, and the
+    `ProcessorConfig` of the model stage.
+
+    `JobConfig(input=..., output=..., processor=ProcessorConfig(...))`, or the processor's
+    fields given loose under the jobs' names (`batch_size=8, actors=(1, 4),
+    gpus_per_actor=1`), as the job scripts pass their parsed flags; those names read back too
+    (`config.actors` is `config.processor.concurrency`)."""
+
     input: str
     output: str
-    task: Task = CAPTION
-    prompt: str | None = None  # default: the task's prompt; a manifest `question` wins per row
-    model: str = DEMO_MODEL
-    vision_tower: str | None = None
-    mode: str = "flexattn"
-    dtype: str | None = None
-    batch_size: int = 4  # rows per generate() call on an actor
-    actors: tuple[int, int] = (1, 1)  # autoscaling actor pool MIN, MAX
-    gpus_per_actor: float | None = None  # None: 1 if the cluster has GPUs, else 0
-    cpus_per_actor: float = 1.0
-    memory_per_actor_gb: float = 2.0  # host memory reserved per replica
-    max_new_tokens: int = 64
+    processor: ProcessorConfig
     limit: int | None = None
     overwrite: bool = False
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    image_size: int = DEFAULT_HIGHRES_SIZE  # the model's highres_size
-    decode_rows_per_task: int = 8
-    # Decode inside the model actors (Ray Data fuses the stages) instead of in CPU tasks: for
-    # CPU-only clusters whose actors already keep every core busy, where it saves moving each
-    # decoded image through the object store to a separate process.
-    decode_in_actors: bool = False
-    overrides: dict = field(default_factory=dict)  # run-time model options (e.g. threshold)
     rows_per_file: int | None = None  # None: about 1% of the rows to run, 1 batch to 500
     flush_seconds: float = DEFAULT_FLUSH_SECONDS  # the longest an answer waits to be written
     max_error_fraction: float = 1.0  # the job fails (exit 1) above this share of error rows
-    # Remote-sensing scenes (pipeline/raster.py, ProcessorConfig's fields of the same names);
-    # `bands` and `stretch` may be given as "4,3,2" and "2,98". STAC input: `asset`.
-    chip_size: int | None = None
-    chip_overlap: int = 0
-    gsd: float | None = None
-    bands: tuple[int, ...] | None = None
-    stretch: tuple[float, float] = DEFAULT_STRETCH
-    asset: str | None = None
+    asset: str | None = None  # STAC input: the asset to read (default: visual, else the first)
 
-    def __post_init__(self) -> None:
-        if isinstance(self.bands, str):
-            self.bands = parse_numbers(self.bands, "--bands", int)
-        if isinstance(self.stretch, str):
-            self.stretch = parse_numbers(self.stretch, "--stretch", float)
-            if len(self.stretch) != 2:
-                raise ValueError(f"--stretch must be LOW,HIGH, got {self.stretch}")
-        if self.chip_size is not None and self.task.expand is None:
-            self.task = chipped(self.task)  # resume per chip
+    def __init__(self, input: str, output: str, processor: ProcessorConfig | None = None,
+                 **values: Any):
+        self.input, self.output = input, output
+        for f in dataclasses.fields(self):
+            if f.name not in ("input", "output", "processor"):
+                setattr(self, f.name, values.pop(f.name, f.default))
+        if processor is not None and values:
+            raise TypeError(f"JobConfig takes a processor or its fields, not both: {values}")
+        if processor is None:
+            actors = values.pop("actors", (1, 1))
+            values["concurrency"] = parse_actors(
+                ",".join(map(str, actors)) if isinstance(actors, tuple | list) else actors)
+            processor = ProcessorConfig(**{_processor_name(k): v
+                                           for k, v in _raster_values(values).items()})
+        self.processor = processor
+        self._validate()
+
+    def _validate(self) -> None:
+        processor = self.processor
+        if processor.chip_size is not None and processor.task.expand is None:  # resume per chip
+            self.processor = dataclasses.replace(processor, task=chipped(processor.task))
         if not str(self.output).strip():
             raise ValueError("--output must name a local folder or an object-storage URI")
-        if isinstance(self.actors, str):
-            self.actors = parse_actors(self.actors)
-        parse_actors(",".join(map(str, self.actors)))
         if self.rows_per_file is not None and self.rows_per_file < 1:
             raise ValueError(f"--rows-per-file must be >= 1, got {self.rows_per_file}")
         if not self.flush_seconds > 0:
@@ -129,45 +138,49 @@ class JobConfig:
         if not 0.0 <= self.max_error_fraction <= 1.0:
             raise ValueError(
                 f"--max-error-fraction must be between 0 and 1, got {self.max_error_fraction}")
-        # The stage configs validate the rest (--input, --limit, --batch-size, --mode, ...).
-        self.input_config(), self.processor_config()
+        self.input_config()  # --input, --limit
+
+    def __getattr__(self, name: str) -> Any:
+        processor = self.__dict__.get("processor")
+        if processor is None or name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            return getattr(processor, _processor_name(name))
+        except AttributeError:
+            raise AttributeError(f"JobConfig has no attribute {name!r}") from None
+
+    @classmethod
+    def keywords(cls) -> set[str]:
+        """The keywords `JobConfig(...)` takes besides `processor`."""
+        processor = {"actors" if f.name == "concurrency"
+                     else f.name.replace("_per_replica", "_per_actor")
+                     for f in dataclasses.fields(ProcessorConfig)}
+        return {f.name for f in dataclasses.fields(cls)} - {"processor"} | processor
 
     def input_config(self) -> InputConfig:
-        if self.task.extensions is not None:
-            return InputConfig(input=self.input, limit=self.limit,
-                               extensions=self.task.extensions, asset=self.asset)
+        extensions = self.processor.task.extensions
+        if extensions is not None:
+            return InputConfig(input=self.input, limit=self.limit, extensions=extensions,
+                               asset=self.asset)
         return InputConfig(input=self.input, limit=self.limit, asset=self.asset)
-
-    def processor_config(self) -> ProcessorConfig:
-        return ProcessorConfig(
-            model=self.model, vision_tower=self.vision_tower, mode=self.mode, dtype=self.dtype,
-            batch_size=self.batch_size, concurrency=tuple(self.actors),
-            gpus_per_replica=self.gpus_per_actor, cpus_per_replica=self.cpus_per_actor,
-            memory_per_replica_gb=self.memory_per_actor_gb,
-            max_new_tokens=self.max_new_tokens, overrides=dict(self.overrides),
-            prompt=self.prompt, task=self.task, image_size=self.image_size,
-            max_pixels=self.max_pixels, decode_rows_per_task=self.decode_rows_per_task,
-            decode_in_actors=self.decode_in_actors, chip_size=self.chip_size,
-            chip_overlap=self.chip_overlap, gsd=self.gsd, bands=self.bands,
-            stretch=tuple(self.stretch))
-
-    def decode_config(self):
-        return self.processor_config().decode_config()
-
-    def predict_config(self):
-        return self.processor_config().predict_config()
-
-    def resolved_gpus_per_actor(self) -> float:
-        return self.processor_config().resolved_gpus_per_replica()
-
-    def check_cpu_budget(self) -> None:
-        """Refuse CPU-only actors that would take every CPU (see ProcessorConfig)."""
-        self.processor_config().check_cpu_budget()
 
     def resolved_rows_per_file(self, rows_to_run: int) -> int:
         if self.rows_per_file is not None:
             return self.rows_per_file
-        return min(MAX_ROWS_PER_FILE, max(self.batch_size, rows_to_run // FILES_PER_RUN))
+        return min(MAX_ROWS_PER_FILE, max(self.processor.batch_size,
+                                          rows_to_run // FILES_PER_RUN))
+
+
+def _raster_values(values: dict[str, Any]) -> dict[str, Any]:
+    """`--bands 4,3,2` and `--stretch 2,98` given as text, parsed (errors name the flag)."""
+    values = dict(values)
+    if isinstance(values.get("bands"), str):
+        values["bands"] = parse_numbers(values["bands"], "--bands", int)
+    if isinstance(values.get("stretch"), str):
+        values["stretch"] = parse_numbers(values["stretch"], "--stretch", float)
+        if len(values["stretch"]) != 2:
+            raise ValueError(f"--stretch must be LOW,HIGH, got {values['stretch']}")
+    return values
 
 
 def put_inputs(config: InputConfig) -> tuple[list, int]:
@@ -191,25 +204,53 @@ def done_keys(output: str, key_columns: tuple[str, ...], task: str) -> DoneKeys:
     return DoneKeys.collect(output, key_columns, task)
 
 
-def build_dataset(config: JobConfig, todo, done: pa.Table | DoneKeys | None = None,
-                  split_blocks: bool = True):
-    """The lazy Ray Dataset for `todo` (the inputs still to run: a table or a Dataset); `done`
-    filters rows after decode, for tasks keyed after it. `split_blocks`: see `Processor`."""
-    ds = ray.data.from_arrow(todo) if isinstance(todo, pa.Table) else todo
+def resume_stage(processor: Processor, done: pa.Table | DoneKeys | None) -> Processor:
+    """`processor` with the resume filter after decode when `done` holds keys (tasks keyed
+    after decode): it asks for decode's resources, so that it runs where decode runs."""
     ref = done.ref if isinstance(done, DoneKeys) else (
         ray.put(done) if done is not None and done.num_rows else None)
-    after = None
-    if ref is not None:
-        after = (drop_written, {"done": ref, "key_columns": config.task.key_columns})
-    return Processor(config.processor_config(), after_decode=after,
-                     split_blocks=split_blocks)(ds)
+    if ref is None:
+        return processor
+    return processor.insert(Stage(
+        "resume", drop_written,
+        {"fn_kwargs": {"done": ref, "key_columns": processor.config.task.key_columns},
+         "batch_size": None, "batch_format": "pyarrow"},
+        processor.stage("decode").ray_remote_args), after="decode")
+
+
+@dataclass
+class WriteStage:
+    """The sink: its write tasks ask for no CPU (WRITE_ARGS) and hand their rows to the
+    sink's buffer (`ParquetSink.start()`). The stage runs the dataset."""
+
+    sink: ParquetSink
+    max_block_bytes: int  # decoded blocks' size cap, set on the dataset before it runs
+    ray_remote_args: dict = field(default_factory=lambda: dict(WRITE_ARGS))
+    name: str = "write"
+
+    def __call__(self, ds: ray.data.Dataset) -> ray.data.Dataset:
+        # Blocks of decode_rows_per_task decoded images: Ray Data's default (128 MiB) would
+        # put ~40 of them in a block, and an actor answers a block's rows before it hands any
+        # of them on; with a block a batch, answers reach the write one batch at a time.
+        ds.context.target_max_block_size = min(
+            ds.context.target_max_block_size or DECODED_BLOCK_CAP, self.max_block_bytes)
+        ds.write_datasink(self.sink, concurrency=1, ray_remote_args=dict(self.ray_remote_args))
+        return ds
+
+
+def build_dataset(config: JobConfig, todo, done: pa.Table | DoneKeys | None = None):
+    """The lazy Ray Dataset of `build_processor`'s stages (the split included) over `todo`
+    (the inputs still to run: a table or a Dataset), with the resume filter when `done`
+    holds keys (tasks keyed after decode)."""
+    ds = ray.data.from_arrow(todo) if isinstance(todo, pa.Table) else todo
+    return resume_stage(build_processor(config.processor), done)(ds)
 
 
 def _listed_inputs(config: JobConfig, done: DoneKeys):
     """(Dataset of the inputs to run, rows listed, rows skipped, rows to run); the counts are
     None when the listing streams (`pipeline.listing`: a manifest, keyed by id, no --limit),
     and then come from `listing.totals()` after the run (the fifth element, else None)."""
-    task = config.task
+    task, processor = config.processor.task, config.processor
     keyed_at_listing = task.key_columns == ("id",)
     files = manifest_files(config.input_config()) if keyed_at_listing and config.limit is None \
         else None
@@ -230,7 +271,7 @@ def _listed_inputs(config: JobConfig, done: DoneKeys):
     # `from_arrow_refs` runs a Ray task per block for them.
     if to_run <= inputs.LISTING_BLOCK_ROWS:
         small = [t for ref in blocks for t in cut_table(ray.get(ref),
-                                                         config.decode_rows_per_task)]
+                                                         processor.decode_rows_per_task)]
         ds = ray.data.from_blocks(small) if small else None
     else:
         ds = ray.data.from_arrow_refs(blocks)
@@ -241,8 +282,15 @@ def run(config: JobConfig) -> RunSummary:
     """Run the job to completion; rerunning with the same output only does what is missing."""
     start = time.perf_counter()
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
-    config.check_cpu_budget()
-    task = config.task
+    task = config.processor.task
+    # With --decode-in-actors decode runs in the actor task that answers a block, which hands
+    # on no answer before its whole block is done: blocks are cut to decode_rows_per_task
+    # rows first (the split stage, a task stage of its own beside the actors). Without it a
+    # decode task hands on rows as it goes, and run() leaves the split out.
+    split = [SplitStage(config.processor.decode_rows_per_task)] \
+        if config.processor.decode_in_actors else []
+    processor = Processor(config.processor, [*split, *model_stages(config.processor)])
+    processor.resolve()  # GPUs 'auto' and the CPU budget, before anything is listed
     prepare_output(config.output, config.overwrite)
     done = done_keys(config.output, task.key_columns, task.name)
     ds, listed, skipped, to_run, streamed = _listed_inputs(config, done)
@@ -258,21 +306,11 @@ def run(config: JobConfig) -> RunSummary:
                            rows_per_file=rows_per_file,
                            flush_seconds=config.flush_seconds,
                            file_metadata=task.file_metadata).start()
-        keyed_after_decode = task.key_columns != ("id",)
-        # With --decode-in-actors decode runs in the actor task that answers a block, which
-        # hands on no answer before the whole block is done: its blocks are cut to
-        # decode_rows_per_task rows first (the processor's streaming repartition, a task
-        # stage of its own beside the actors). Decode tasks hand on rows as they go.
-        ds = build_dataset(config, ds, done if keyed_after_decode else None,
-                           split_blocks=config.decode_in_actors)
-        # Blocks of decode_rows_per_task decoded images: Ray Data's default (128 MiB) would
-        # put ~40 of them in a block, and an actor answers a block's rows before it hands any
-        # of them on; with a block a batch, answers reach the write one batch at a time.
-        ds.context.target_max_block_size = min(
-            ds.context.target_max_block_size or DECODED_BLOCK_CAP,
-            config.decode_rows_per_task * config.image_size ** 2 * 3)
-        # The write asks for no CPU (WRITE_ARGS) and hands its rows to the sink's buffer.
-        ds.write_datasink(sink, concurrency=1, ray_remote_args=dict(WRITE_ARGS))
+        if task.key_columns != ("id",):  # keyed after decode: not filtered at listing
+            resume_stage(processor, done)
+        rows, side = config.processor.decode_rows_per_task, config.processor.image_size
+        processor.insert(WriteStage(sink, max_block_bytes=rows * side ** 2 * 3))
+        processor(ds)
         stats = sink.stats or {}
     if streamed is not None:
         listed, skipped, repeated = streamed.totals()
@@ -287,7 +325,7 @@ def run(config: JobConfig) -> RunSummary:
         stats,
         elapsed_s=time.perf_counter() - start,
         task=task.name,
-        model=", ".join(stats.get("models", [])) or config.model,
+        model=", ".join(stats.get("models", [])) or config.processor.model,
         output=to_uri(*open_fs(config.output)),
         rows_listed=listed,
         rows_skipped=skipped,

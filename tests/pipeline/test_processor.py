@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from pipeline import CAPTION, ProcessorConfig, build_processor
+from pipeline.processor import Stage
 from pipeline.run import JobConfig, run
 from tests.helpers import noise_image
 
@@ -133,3 +135,39 @@ def test_config_errors_name_the_field(field, value, message):
         ProcessorConfig(**{field: value})
     assert ProcessorConfig(concurrency=(1, 4)).pool_size == (1, 4)
     assert ProcessorConfig(concurrency=3).pool_size == (3, 3)
+
+
+def _drop_b(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.invert(pc.ends_with(batch.column("id"), "b.png")))
+
+
+def test_a_stage_added_to_the_list_runs_in_its_place(ray_local, images, demo_model, by_run):
+    """A user's stage (here one that drops rows) goes into the list by name; the processor's
+    call applies it like its own stages."""
+    import ray
+
+    processor = build_processor(_config(demo_model))
+    assert processor.names() == ["split", "prompt", "decode", "predict"]
+    decode = processor.stage("decode")
+    processor.insert(Stage("drop_b", _drop_b, {"batch_size": None, "batch_format": "pyarrow"},
+                           decode.ray_remote_args), after="decode")
+    assert processor.names() == ["split", "prompt", "decode", "drop_b", "predict"]
+    items = [{"id": n, "image": (images / n).read_bytes()} for n in NAMES]
+    rows = processor(ray.data.from_items(items)).take_all()
+    assert sorted(r["id"] for r in rows) == ["a.jpg", "c.jpg"]
+    _same_answers(rows, by_run)
+
+
+def test_stage_arguments_follow_the_config(ray_local):
+    separate = build_processor(ProcessorConfig(batch_size=3, decode_rows_per_task=5,
+                                               memory_per_replica_gb=0.5, gpus_per_replica=0))
+    predict = separate.stage("predict")
+    assert predict.map_batches_kwargs["batch_size"] == 3
+    assert dict(predict.ray_remote_args)["num_gpus"] == 0
+    assert dict(separate.stage("decode").ray_remote_args) == {"num_cpus": 1}
+    assert separate.stage("decode").map_batches_kwargs["batch_size"] == 5
+    fused = build_processor(ProcessorConfig(decode_in_actors=True, gpus_per_replica=0))
+    # decode asks for the replica's own resources: Ray Data fuses it into the actors
+    assert fused.stage("decode").ray_remote_args is fused.stage("predict").ray_remote_args
+    with pytest.raises(KeyError, match="no stage 'resume'"):
+        fused.stage("resume")
