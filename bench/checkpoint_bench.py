@@ -4,8 +4,9 @@ checkpointing (`ray.data.checkpoint.CheckpointConfig`), on the same cases (issue
     python bench/checkpoint_bench.py --out bench/results/checkpoint.json
 
 Both sides run the same stand-in for decode + model, in a child process that starts its own
-local Ray (`ray.init(num_cpus=2)`), so that a kill takes the whole job (driver, raylet, GCS,
-workers: the process group and every descendant, SIGKILL):
+local Ray (`ray.init(num_cpus=2)` for ours, 3 for Ray Data's: see `RAY_CPUS`), so that a kill
+takes the whole job (driver, raylet, GCS, workers: the process group and every descendant,
+SIGKILL):
 
 - ours: the manifest put in blocks, `prepare_output` (stale temporaries, quarantine),
   `DoneKeys.collect` and `drop_done_blocks` (tasks keyed by `id`) or `drop_written` after the
@@ -18,8 +19,9 @@ workers: the process group and every descendant, SIGKILL):
 
 Cases (each side, the same manifest, rows per file and stand-in):
 1. exactly once after SIGKILL: killed once half of the rows are durable, rerun to the end,
-   each key counted in the readable output; then a third run of the same command after that
-   success (Ray Data's default `delete_checkpoint_on_success=True`);
+   each key counted in the readable output (Ray Data's rerun is first tried on 2 CPUs, as ours
+   runs, and stopped after `--hang-check` seconds); then a third run of the same command after
+   that success (Ray Data's default `delete_checkpoint_on_success=True`);
 2. composite keys: OCR pages (`id` + `page`, 1-4 pages a document) and chips (`id` +
    `chip_row` + `chip_col`, 2 x 1-3 a tile), made after the read as decode makes them; Ray
    Data with `id_column="id"`, with a derived string key made after the expansion, and with
