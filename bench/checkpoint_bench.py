@@ -53,7 +53,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -328,25 +327,11 @@ def check_output(side: str, output: str, kind: str, expected: pa.Table) -> dict:
 
 # ---------------------------------------------------------------- parent: running a job
 
-def descendants(pid: int) -> list[int]:
-    from tests.reliability.jobproc import descendants as tree
-
-    return tree(pid)
-
-
 def kill_job(proc: subprocess.Popen) -> None:
     """SIGKILL the job's process group, then every process it started, each by id."""
-    started = descendants(proc.pid)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=60)
-    for pid in started:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    from scale_bench import kill_tree
+
+    kill_tree(proc)
 
 
 class Runner:

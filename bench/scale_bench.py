@@ -222,10 +222,13 @@ def _existing(out: Path) -> list[str]:
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the job's driver and every process it started, each by id."""
+    """SIGKILL the job's process group (it was started in a session of its own), then every
+    process it had started, each by id (Ray's own start new sessions)."""
     started = descendants(proc.pid)
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGKILL)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
     proc.wait(timeout=60)
     for pid in started:
         try:
