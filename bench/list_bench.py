@@ -25,7 +25,15 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-def start_moto(port: int) -> subprocess.Popen:
+def start_moto() -> subprocess.Popen:
+    """moto's S3 server on a free 127.0.0.1 port, with this process's AWS_* variables (fake
+    credentials, endpoint) pointing at it."""
+    from tests.helpers import free_port
+
+    port = free_port()
+    os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+                       "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"})
     binary = Path(sys.executable).parent / "moto_server"
     proc = subprocess.Popen([str(binary), "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -69,13 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     import s3fs
 
     from pipeline.inputs import LIST_THREADS, find_files
-    from tests.helpers import free_port
-
-    port = free_port()
-    os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-                       "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"})
-    moto = start_moto(port)
+    moto = start_moto()
     results = {**provenance(commit), "prefixes": args.prefixes, "threads": LIST_THREADS,
                "runs": []}
     try:

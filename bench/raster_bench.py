@@ -210,13 +210,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import boto3
 
-    from tests.helpers import free_port
-
-    port = free_port()
-    os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-                       "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"})
-    moto = start_moto(port)
+    moto = start_moto()
     counter = Counter()
     counting_opener(counter)
     try:
