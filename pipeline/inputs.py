@@ -31,6 +31,7 @@ import posixpath
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -85,13 +86,28 @@ def list_inputs(config: InputConfig) -> pa.Table:
     return pa.concat_tables(iter_inputs(config), promote_options="permissive")
 
 
-def iter_inputs(config: InputConfig, block_rows: int | None = None) -> Iterator[pa.Table]:
+class Source(NamedTuple):
+    """`--input` opened: its kind, its input tables (lazy: a folder or glob is listed once, when
+    opened; a manifest is read as the tables are taken) and, for a manifest of files (not STAC),
+    the files' URIs in listing order."""
+
+    kind: str
+    pieces: Iterator[pa.Table]
+    manifest_files: tuple[str, ...] = ()
+
+
+def open_source(config: InputConfig) -> Source:
+    return _open_source(str(config.input), config.extensions, config.asset)
+
+
+def iter_inputs(config: InputConfig, block_rows: int | None = None,
+                opened: Source | None = None) -> Iterator[pa.Table]:
     """The input rows (`id`, `source_uri`, optional `question` / `ground_truth`, extras) in
     listing order, in blocks of `block_rows` (default LISTING_BLOCK_ROWS), `--limit` applied. Raises ValueError, naming
     `--input`, for nothing found, a bad manifest or duplicate manifest ids (after the last
-    block: ids are checked across all of them)."""
+    block: ids are checked across all of them). `opened`: `open_source(config)`, if done."""
     source = str(config.input)
-    kind, pieces = _open_source(source, config.extensions, config.asset)
+    kind, pieces, _ = opened or open_source(config)
     total, ids = 0, []
     for block in rebatch(pieces, block_rows or LISTING_BLOCK_ROWS):
         if config.limit is not None:
@@ -127,24 +143,26 @@ def rebatch(tables: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
 
 
 def _open_source(source: str, extensions: tuple[str, ...],
-                 asset: str | None = None) -> tuple[str, Iterator[pa.Table]]:
+                 asset: str | None = None) -> Source:
     fs, path = open_fs(source)
     if is_stac(path) and fs.isfile(path):
-        return "manifest", iter_stac(source, asset)  # (ids checked for duplicates too)
+        return Source("manifest", iter_stac(source, asset))  # (ids checked for duplicates too)
     if any(c in path for c in GLOB_CHARS):
-        return "glob", iter([_list_glob(fs, path, extensions)])
+        return Source("glob", iter([_list_glob(fs, path, extensions)]))
     if fs.isdir(path):
         files = sorted(find_files(fs, path))
         images = [p for p in files if _keep(p, extensions)]
         shards = [p for p in files if _keep(p, MANIFEST_EXTENSIONS)]
         if images or not shards:
-            return "folder", iter([_paths_table(fs, path, images)])
+            return Source("folder", iter([_paths_table(fs, path, images)]))
         logger.info("--input %s: a folder of %d manifest shards", source, len(shards))
-        return "manifest", (t for p in shards for t in iter_manifest(to_uri(fs, p)))
+        uris = tuple(to_uri(fs, p) for p in shards)
+        return Source("manifest", (t for uri in uris for t in iter_manifest(uri)), uris)
     if fs.isfile(path) and path.lower().endswith(MANIFEST_EXTENSIONS):
-        return "manifest", iter_manifest(source)
+        return Source("manifest", iter_manifest(source), (source,))
     if fs.isfile(path):
-        return "file", iter([_table([printable(posixpath.basename(path))], [to_uri(fs, path)])])
+        return Source("file", iter([_table([printable(posixpath.basename(path))],
+                                           [to_uri(fs, path)])]))
     raise ValueError(f"--input {source!r}: no such folder, file, glob match or manifest")
 
 

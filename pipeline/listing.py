@@ -29,9 +29,9 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipeline import inputs
-from pipeline.inputs import InputConfig, iter_manifest, rebatch
+from pipeline.inputs import iter_manifest, rebatch
 from pipeline.resume import pending
-from pipeline.storage import open_fs, to_uri
+from pipeline.storage import open_fs
 
 logger = logging.getLogger(__name__)
 
@@ -56,24 +56,6 @@ def large_manifest(files: list[str]) -> bool:
         if rows > inputs.LISTING_BLOCK_ROWS:
             return True
     return False
-
-
-def manifest_files(config: InputConfig) -> list[str] | None:
-    """The manifest files of `--input` in listing order when it is a manifest (a file or a
-    folder of shards, as `pipeline.inputs` reads them), else None."""
-    source = str(config.input)
-    fs, path = open_fs(source)
-    if any(c in path for c in inputs.GLOB_CHARS):
-        return None
-    if fs.isfile(path):
-        return [source] if path.lower().endswith(inputs.MANIFEST_EXTENSIONS) else None
-    if not fs.isdir(path):
-        return None
-    files = sorted(inputs.find_files(fs, path))
-    if any(inputs._keep(p, config.extensions) for p in files):  # a folder of images
-        return None
-    shards = [to_uri(fs, p) for p in files if inputs._keep(p, inputs.MANIFEST_EXTENSIONS)]
-    return shards or None
 
 
 class Tally:

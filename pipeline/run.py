@@ -37,7 +37,7 @@ import ray
 from pipeline import inputs
 from pipeline.columns import output_schema
 from pipeline.inputs import InputConfig, iter_inputs
-from pipeline.listing import large_manifest, manifest_files, read_manifest_inputs
+from pipeline.listing import large_manifest, read_manifest_inputs
 from pipeline.processor import (
     Processor,
     ProcessorConfig,
@@ -183,10 +183,11 @@ def _raster_values(values: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def put_inputs(config: InputConfig) -> tuple[list, int]:
-    """List the inputs into the object store, one large block at a time: (refs, rows)."""
+def put_inputs(config: InputConfig, opened: inputs.Source | None = None) -> tuple[list, int]:
+    """List the inputs into the object store, one large block at a time: (refs, rows);
+    `opened`: `--input` already opened (`pipeline.inputs.open_source`)."""
     refs, rows = [], 0
-    for block in iter_inputs(config):
+    for block in iter_inputs(config, opened=opened):
         refs.append(ray.put(block))
         rows += block.num_rows
     return refs, rows
@@ -252,12 +253,12 @@ def _listed_inputs(config: JobConfig, done: DoneKeys):
     and then come from `listing.totals()` after the run (the fifth element, else None)."""
     task, processor = config.processor.task, config.processor
     keyed_at_listing = task.key_columns == ("id",)
-    files = manifest_files(config.input_config()) if keyed_at_listing and config.limit is None \
-        else None
-    if files is not None and large_manifest(files):
-        ds, source = read_manifest_inputs(files, done.ref, "id")
+    opened = inputs.open_source(config.input_config())  # a folder is listed here, once
+    files = opened.manifest_files
+    if files and keyed_at_listing and config.limit is None and large_manifest(list(files)):
+        ds, source = read_manifest_inputs(list(files), done.ref, "id")
         return ds, None, None, None, source
-    blocks, listed = put_inputs(config.input_config())
+    blocks, listed = put_inputs(config.input_config(), opened)
     if keyed_at_listing:
         blocks, to_run = drop_done_blocks(blocks, listed, done)
         skipped = listed - to_run
