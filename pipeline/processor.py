@@ -162,7 +162,7 @@ class ProcessorConfig:
             raise ValueError(
                 f"--actors {high} x --cpus-per-actor {per:g} would hold {high * per:g} of the"
                 f" cluster's {cpus:g} CPUs (concurrency x cpus_per_replica), leaving less than"
-                " one for the decode and write tasks; lower --actors or --cpus-per-actor")
+                " one for the decode tasks; lower --actors or --cpus-per-actor")
 
     def actor_args(self) -> dict[str, Any]:
         """Ray resources of one replica."""

@@ -1,4 +1,4 @@
-"""The run summary: counts from the write tasks, as a table for people and JSON beside the
+"""The run summary: counts from the writes, as a table for people and JSON beside the
 Parquet files (`<output>/_summary.json`) for machines."""
 
 from __future__ import annotations

@@ -7,13 +7,14 @@ write rewrites the same file instead of adding a duplicate.
 - Unbuffered (the default for a user's own `write_datasink`): each write task writes its
   blocks as one file; `rows_per_file` makes Ray Data bundle at least that many rows into each
   write, with no bound on how long they wait for it.
-- Buffered (`pipeline.run`, after `sink.start()`): write tasks hand their rows to one
+- Buffered (`pipeline.run`, after `sink.start()`): writes hand their rows to one
   `RowBuffer` actor of the job, which writes a file once it holds `rows_per_file` rows or its
   oldest row has waited `flush_seconds`, and writes the very first rows at once. So answers
   are durable within `flush_seconds` of being answered, however slowly they come, and files
   still hold up to `rows_per_file` rows when they come fast. A kill loses at most the rows in
-  the buffer (see docs/DESIGN.md, "Durable writes"). The actor asks for no CPU, as the write
-  tasks do: a write never waits for a CPU that decode or the model holds.
+  the buffer (see docs/DESIGN.md, "Durable writes"). The actor asks for no CPU, as the job's
+  writer actor does (`pipeline.run.WriteStage`, which calls `write` the way Ray Data's write
+  tasks would): a write never waits for a CPU that decode or the model holds.
 
 - local paths: written to a hidden `.part-*.tmp` file, then renamed into place;
 - object storage: uploaded straight to the final key (an object only appears once its
