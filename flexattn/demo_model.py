@@ -56,6 +56,7 @@ from pathlib import Path
 
 import torch
 
+from .answers import ANSWER_SUFFIX
 from .conversation import SYSTEM as SYSTEM_PROMPT
 from .original_layout import (
     CLIP_DIR_NAME,
@@ -100,7 +101,7 @@ _CORPUS: tuple[str, ...] = (
     "The page has two columns of text, a table and a figure.",
     "Provide a short caption for the picture. ASSISTANT: A white square on a dark background.",
     "What color is the roof of the house? ASSISTANT: The roof is red.",
-    "Answer the question using a single word or phrase.",
+    ANSWER_SUFFIX,
     "A road runs from the west to the east, next to the airport.",
     "The image shows a coastline with a beach, a port and some boats.",
     "Small cars are parked near the stadium in the center of the city.",
