@@ -121,8 +121,8 @@ def make_images(n: int, seed: int = 0) -> list[Image.Image]:
 
 def synthhr_inputs(n: int, seed: int = SCENE_SEED) -> tuple[list[Image.Image], list[str]]:
     """``n`` SynthHR scenes and, per scene, its pattern question as the trained mini asks it."""
-    from flexattn import synthhr
-    from flexattn.train import question_prompt
+    from synthhr import task as synthhr
+    from synthhr.data import question_prompt
 
     images, prompts = [], []
     for i in range(n):

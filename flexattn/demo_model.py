@@ -81,7 +81,7 @@ DEMO_DIR_NAME = "tiny-demo"
 # remote-sensing captions, VQA and OCR phrases. 58 distinct characters, so a 320-piece
 # vocabulary holds 3 special + 256 byte + 58 character pieces and a few merges. Do not edit:
 # the tokenizer (and so every tiny model) is a function of this text.
-_CORPUS: tuple[str, ...] = (
+CORPUS: tuple[str, ...] = (
     SYSTEM_PROMPT,
     "USER: <image>",
     "Describe this image in detail. ASSISTANT:",
@@ -271,7 +271,7 @@ def _load_exact(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> No
 
 
 def train_tiny_tokenizer(out_dir: Path, vocab_size: int = 320,
-                         corpus: tuple[str, ...] = _CORPUS) -> Path:
+                         corpus: tuple[str, ...] = CORPUS) -> Path:
     """Train a tiny Llama-like sentencepiece BPE tokenizer on an embedded English corpus.
 
     Settings follow Llama's tokenizer: byte fallback, ``<unk>``=0, ``<s>``=1, ``</s>``=2, no
