@@ -53,7 +53,7 @@ from flexattn.config import FlexAttnConfig
 from flexattn.flops import image_cost
 from flexattn.random_model import random_model
 
-TRAINED = ROOT / "models" / "synthhr-mini"  # the SynthHR mini (python -m flexattn.train)
+TRAINED = ROOT / "models" / "synthhr-mini"  # the SynthHR mini (make train: python -m synthhr.train)
 SCENE_SEED = 2027  # SynthHR scenes the trained presets run on (training used seeds 0 and 1)
 PRESETS = {
     # the trained SynthHR mini on SynthHR scenes, asked its pattern questions; EOS is ignored so
@@ -137,7 +137,7 @@ def load_trained(path: Path, device: str = "cpu", dtype: str = "float32"):
     from flexattn import load_model
 
     if not (path / "config.json").is_file():
-        raise SystemExit(f"{path}: no trained checkpoint (python -m flexattn.train, README)")
+        raise SystemExit(f"{path}: no trained checkpoint (make train, README)")
     model = load_model(path, device=device, dtype=dtype)
     model.module.config = model.config.replace(eos_token_id=-1)
     return model
