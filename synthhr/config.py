@@ -30,7 +30,8 @@ MODEL_KEYS = {"hidden": int, "heads": int, "intermediate": int, "layers": int,
               "clip_intermediate": int, "clip_layers": int}
 ORACLE_KEYS = {"steps": int, "floor": float}
 CALIBRATE_KEYS = {"seed": int, "images": int, "max_frac": float, "min_hit": float}
-PHASE_KEYS = {"attn_weight": float, "presence_weight": float, "read_weight": float,
+PHASE_KEYS = {"attn_weight": float, "presence_weight": float, "feature_weight": float,
+              "read_weight": float,
               "contrast_weight": float, "route_weight": float, "pattern_share": float}
 TABLES = {"model": MODEL_KEYS, "oracle": ORACLE_KEYS, "calibrate": CALIBRATE_KEYS}
 POSITIVE = ("steps", "batch_size", "reuse", "threads", "checkpoint_every", "eval_every",
@@ -46,6 +47,7 @@ class Phase:
     from_step: int
     attn_weight: float
     presence_weight: float
+    feature_weight: float
     read_weight: float
     contrast_weight: float
     route_weight: float

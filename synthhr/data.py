@@ -53,6 +53,15 @@ class SceneStream:
         return Sample(Image.fromarray(scene.image), q, scene.boxes)
 
 
+def lowres_labels(boxes, grid: int) -> torch.Tensor:
+    """[grid * grid] class per low-res token: 1 + colour index of a box it overlaps, else 0."""
+    labels = np.zeros((grid, grid), dtype=np.int64)
+    names = list(task.COLOURS)
+    for box in boxes:
+        labels[task.box_mask(box, grid)] = 1 + names.index(box.colour)
+    return torch.from_numpy(labels.reshape(-1))
+
+
 def highres_labels(boxes, grid: int) -> torch.Tensor:
     """[grid * grid] per high-res token: 1 + pattern index when the token lies inside a box's
     interior, -100 (ignored) when it only overlaps one, 0 elsewhere."""

@@ -12,9 +12,12 @@ Selection is a hard threshold, so no gradient reaches "finding the box" through 
   word (the colour must reach the query that selects);
 - ``read_loss``: each pattern answer row's attention on the high-res tokens inside the named
   box's interior;
-- ``presence_loss``: a training-only linear head (``PresenceHead``, dropped at export) asks
+- ``presence_loss``: a training-only linear head (``Heads.presence``, dropped at export) asks
   the final hidden state which border colours the image holds (counting boxes is counting
-  colours).
+  colours);
+- ``feature_loss``: two more training-only heads ask the projected CLIP features for each
+  low-res token's box colour and each encoded high-res token's pattern, so that the vision
+  side learns what the answers need while the selection is still being found.
 """
 
 from __future__ import annotations
@@ -29,19 +32,20 @@ from flexattn.selection import to_blocks
 from flexattn.tokenizer import PromptTokenizer
 
 from . import task
-from .data import Sample, asked_boxes, attention_target, colour_slots, highres_labels
+from .data import Sample, asked_boxes, attention_target, colour_slots, highres_labels, lowres_labels
 
 
-class PresenceHead(nn.Module):
-    """Which border colours an image holds, from the final hidden state of its first answer
-    row (training only)."""
+class Heads(nn.Module):
+    """The training-only linear heads: which border colours an image holds, from the final
+    hidden state of its first answer row (``presence``); the box colour of each low-res token
+    (``colour``, 0 = none) and the pattern of each high-res token (``pattern``, 0 = none), from
+    the projected CLIP features."""
 
     def __init__(self, hidden: int) -> None:
         super().__init__()
-        self.linear = nn.Linear(hidden, len(task.COLOURS))
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.linear(h)
+        self.presence = nn.Linear(hidden, len(task.COLOURS))
+        self.colour = nn.Linear(hidden, 1 + len(task.COLOURS))
+        self.pattern = nn.Linear(hidden, 1 + len(task.PATTERNS))
 
 
 def answer_loss(out: TeacherOutput) -> torch.Tensor:
@@ -123,8 +127,7 @@ def read_loss(samples: list[Sample], out: TeacherOutput, cfg: FlexAttnConfig
     return sum(terms) / len(terms) if terms else None
 
 
-def presence_loss(samples: list[Sample], out: TeacherOutput, head: PresenceHead
-                  ) -> torch.Tensor:
+def presence_loss(samples: list[Sample], out: TeacherOutput, heads: Heads) -> torch.Tensor:
     """Binary cross-entropy of ``head`` on the final hidden state of each sample's first answer
     row against the border colours its image holds."""
     first = (out.targets >= 0).float().argmax(1)
@@ -133,4 +136,25 @@ def presence_loss(samples: list[Sample], out: TeacherOutput, head: PresenceHead
     present = torch.zeros(len(samples), len(names))
     for i, s in enumerate(samples):
         present[i, [names.index(b.colour) for b in s.boxes]] = 1.0
-    return F.binary_cross_entropy_with_logits(head(h), present)
+    return F.binary_cross_entropy_with_logits(heads.presence(h), present)
+
+
+def feature_loss(samples: list[Sample], out: TeacherOutput, heads: Heads, cfg: FlexAttnConfig
+                 ) -> torch.Tensor:
+    """Cross-entropy of ``heads.colour`` on every low-res feature against its box colour, plus
+    that of ``heads.pattern`` on the high-res features of the tiles this step encoded against
+    their pattern (tokens that only overlap a box's interior are left out)."""
+    lr_labels = torch.stack([lowres_labels(s.boxes, cfg.lr_grid) for s in samples])
+    loss = F.cross_entropy(heads.colour(out.vision.f_lr).flatten(0, 1), lr_labels.flatten())
+    done = out.hr.tile_done if out.hr is not None else None  # [B, Z*Z]
+    if done is None or not done.any():
+        return loss
+    b, z = done.shape[0], cfg.zoom_ratio
+    per = cfg.pool_grid // z
+    encoded = done.view(b, z, 1, z, 1).expand(b, z, per, z, per).reshape(b, -1)  # [B, P*P]
+    hr_labels = torch.stack([highres_labels(s.boxes, cfg.hr_grid) for s in samples])
+    labels = to_blocks(hr_labels, cfg.hr_grid, cfg.pool_grid)[encoded]  # [n, 64]
+    if (labels >= 0).any():
+        logits = heads.pattern(out.hr.blocks[encoded])  # [n, 64, patterns + 1]
+        loss = loss + F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    return loss

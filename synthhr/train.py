@@ -68,7 +68,7 @@ class Metrics:
 
 
 class Trainer:
-    """A run: model, presence head, optimiser and data stream of ``config``, resumed from
+    """A run: model, training heads, optimiser and data stream of ``config``, resumed from
     ``OUT/checkpoint.pt`` when there is one (which must hold the same config)."""
 
     def __init__(self, config: Config, out: str | Path, command: str = COMMAND) -> None:
@@ -78,15 +78,15 @@ class Trainer:
         torch.set_num_threads(config.threads)
         self.model = build_model(config.model, config.seed, self.out / "tokenizer")
         self.module = self.model.module
-        self.presence = losses.PresenceHead(self.model.config.hidden_size)
+        self.heads = losses.Heads(self.model.config.hidden_size)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed + 1)
-            for p in self.presence.parameters():
+            for p in self.heads.parameters():
                 nn.init.normal_(p, std=0.02)
         hd = [p for n, p in self.module.named_parameters() if "_proj_hd." in n]
         rest = [p for n, p in self.module.named_parameters() if "_proj_hd." not in n]
         self.opt = torch.optim.AdamW(
-            [{"params": rest + list(self.presence.parameters()), "scale": 1.0},
+            [{"params": rest + list(self.heads.parameters()), "scale": 1.0},
              {"params": hd, "scale": config.hd_lr_scale}],
             lr=config.lr, weight_decay=0.0, betas=(0.9, 0.98))
         self.step = 0
@@ -108,7 +108,7 @@ class Trainer:
             raise ConfigError(f"{ckpt} was trained with another config (differs in"
                               f" {', '.join(changed)}); use a new --out")
         self.module.load_state_dict(state["model"])
-        self.presence.load_state_dict(state["presence"])
+        self.heads.load_state_dict(state["heads"])
         self.opt.load_state_dict(state["opt"])
         self.step, self.wall = int(state["step"]), float(state["wall"])
         self.curve = json.loads(state["curve"])
@@ -160,12 +160,14 @@ class Trainer:
         terms: dict[str, torch.Tensor | None] = {"ce": losses.answer_loss(out)}
         lap("t_ce")
         weights = {"ce": 1.0, "att": phase.attn_weight, "presence": phase.presence_weight,
+                   "feature": phase.feature_weight,
                    "read": phase.read_weight, "contrast": phase.contrast_weight,
                    "route": phase.route_weight}
         compute = {
             "att": lambda: losses.attention_loss(samples, out, cfg.lr_grid,
                                                  config.count_attention),
-            "presence": lambda: losses.presence_loss(samples, out, self.presence),
+            "presence": lambda: losses.presence_loss(samples, out, self.heads),
+            "feature": lambda: losses.feature_loss(samples, out, self.heads, cfg),
             "read": lambda: losses.read_loss(samples, out, cfg),
             "contrast": lambda: losses.contrast_loss(samples, out, cfg.lr_grid),
             "route": lambda: losses.route_loss(samples, answers, out, tok),
@@ -227,7 +229,7 @@ class Trainer:
 
     # the loop --------------------------------------------------------------------------------
     def save(self) -> None:
-        state = {"model": self.module.state_dict(), "presence": self.presence.state_dict(),
+        state = {"model": self.module.state_dict(), "heads": self.heads.state_dict(),
                  "opt": self.opt.state_dict(), "step": self.step, "wall": self.wall_seconds(),
                  "config": self.config.to_json(), "curve": json.dumps(self.curve),
                  "commits": json.dumps(self.commits)}
