@@ -25,6 +25,7 @@ buffer (`pipeline.write`): the first at once, then every `rows_per_file` rows or
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from typing import Any
 
 import pyarrow as pa
 import ray
+from ray.data.datasource.datasink import WriteResult
 
 from pipeline import inputs
 from pipeline.columns import output_schema
@@ -58,11 +60,13 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["JobConfig", "add_task_columns", "build_dataset", "parse_actors", "run"]
 
-# The write tasks ask for no CPU. Ray Data's resource allocator reserves CPUs for operators
-# from upstream down (ReservationOpResourceAllocator): decode's tasks and the model actors took
-# both CPUs of a 2-CPU machine, so a write that asked for any CPU had no budget until decode
-# had finished every input (docs/DESIGN.md, "Durable writes"). A write is I/O, and one at a
-# time keeps Ray from starting a worker per write.
+# The write asks for no CPU. Ray Data's resource allocator reserves CPUs for operators from
+# upstream down (ReservationOpResourceAllocator): decode's tasks and the model actors took both
+# CPUs of a 2-CPU machine, so a write that asked for any CPU had no budget until decode had
+# finished every input (docs/DESIGN.md, "Durable writes"). It runs in one actor rather than in
+# tasks: a 0-CPU task runs beside decode in a worker process of its own, past Ray's soft limit
+# of one worker per CPU, and Ray ends such a worker after a second idle, so every few writes
+# paid for a new Python process (and decode with them).
 WRITE_ARGS = {"num_cpus": 0}
 DECODED_BLOCK_CAP = 128 * 1024**2  # Ray Data's own default target block size
 MAX_ROWS_PER_FILE = 500  # automatic --rows-per-file: at most this many rows per Parquet file
@@ -221,8 +225,10 @@ def resume_stage(processor: Processor, done: pa.Table | DoneKeys | None) -> Proc
 
 @dataclass
 class WriteStage:
-    """The sink: its write tasks ask for no CPU (WRITE_ARGS) and hand their rows to the
-    sink's buffer (`ParquetSink.start()`). The stage runs the dataset."""
+    """The sink: one long-lived writer actor (WRITE_ARGS: no CPU) hands each block to the
+    sink's buffer (`ParquetSink.start()`) as Ray Data's write tasks would. The stage runs the
+    dataset and completes the sink (`on_write_complete`, or `on_write_failed` before the job's
+    error is raised)."""
 
     sink: ParquetSink
     max_block_bytes: int  # decoded blocks' size cap, set on the dataset before it runs
@@ -235,8 +241,34 @@ class WriteStage:
         # of them on; with a block a batch, answers reach the write one batch at a time.
         ds.context.target_max_block_size = min(
             ds.context.target_max_block_size or DECODED_BLOCK_CAP, self.max_block_bytes)
-        ds.write_datasink(self.sink, concurrency=1, ray_remote_args=dict(self.ray_remote_args))
+        sink = self.sink
+        sink.on_write_start()
+        written = ds.map_batches(
+            _SinkWriter, fn_constructor_args=(sink,), batch_size=None, batch_format="pyarrow",
+            zero_copy_batch=True, compute=ray.data.ActorPoolStrategy(size=1),
+            **self.ray_remote_args)
+        parts, rows = [], 0
+        try:
+            for batch in written.iter_batches(batch_size=None, batch_format="pyarrow"):
+                rows += sum(batch.column("rows").to_pylist())
+                parts += [json.loads(s) for s in batch.column("stats").to_pylist()]
+        except Exception as exc:
+            sink.on_write_failed(exc)
+            raise
+        sink.on_write_complete(WriteResult(num_rows=rows, size_bytes=0, write_returns=parts))
         return ds
+
+
+class _SinkWriter:
+    """The write stage's actor: `ParquetSink.write` on each block, as a write task would; a
+    one-row table of what it wrote comes back to the driver."""
+
+    def __init__(self, sink: ParquetSink) -> None:
+        self.sink = sink
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        stats = self.sink.write([block], None)
+        return pa.table({"rows": [block.num_rows], "stats": [json.dumps(stats)]})
 
 
 def build_dataset(config: JobConfig, todo, done: pa.Table | DoneKeys | None = None):
