@@ -1,4 +1,5 @@
-# `make test` and `make demo` are the two commands the README promises. The demo: the trained
+# `make test` and `make demo` are the two commands the README promises; `make train` retrains
+# the SynthHR mini from synthhr/configs/mini.toml (resumes from runs/mini when stopped). The demo: the trained
 # SynthHR mini through the RSVQA job (flexattn against lowres), then the caption job, then
 # the caption job chipping one georeferenced scene (GeoParquet and a scene map).
 PYTHON ?= python3
@@ -6,7 +7,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo install clean
+.PHONY: test demo train install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +21,9 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+train: $(STAMP)
+	$(PY) -m synthhr.train --config synthhr/configs/mini.toml --out runs/mini --export models/synthhr-mini
 
 demo: $(STAMP)
 	$(PY) jobs/synthhr_demo.py

@@ -53,7 +53,7 @@ from flexattn.config import FlexAttnConfig
 from flexattn.flops import image_cost
 from flexattn.random_model import random_model
 
-TRAINED = ROOT / "models" / "synthhr-mini"  # the SynthHR mini (python -m flexattn.train)
+TRAINED = ROOT / "models" / "synthhr-mini"  # the SynthHR mini (make train: python -m synthhr.train)
 SCENE_SEED = 2027  # SynthHR scenes the trained presets run on (training used seeds 0 and 1)
 PRESETS = {
     # the trained SynthHR mini on SynthHR scenes, asked its pattern questions; EOS is ignored so
@@ -121,8 +121,8 @@ def make_images(n: int, seed: int = 0) -> list[Image.Image]:
 
 def synthhr_inputs(n: int, seed: int = SCENE_SEED) -> tuple[list[Image.Image], list[str]]:
     """``n`` SynthHR scenes and, per scene, its pattern question as the trained mini asks it."""
-    from flexattn import synthhr
-    from flexattn.train import question_prompt
+    from synthhr import task as synthhr
+    from synthhr.data import question_prompt
 
     images, prompts = [], []
     for i in range(n):
@@ -137,7 +137,7 @@ def load_trained(path: Path, device: str = "cpu", dtype: str = "float32"):
     from flexattn import load_model
 
     if not (path / "config.json").is_file():
-        raise SystemExit(f"{path}: no trained checkpoint (python -m flexattn.train, README)")
+        raise SystemExit(f"{path}: no trained checkpoint (make train, README)")
     model = load_model(path, device=device, dtype=dtype)
     model.module.config = model.config.replace(eos_token_id=-1)
     return model

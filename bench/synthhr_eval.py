@@ -28,10 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.model_bench import provenance, source_commit, write_json
-from flexattn import synthhr
 from flexattn.options import MODES
 from jobs import score_rsvqa
 from pipeline.resume import read_output
+from synthhr import task as synthhr
 
 
 def tiles_of(cells: list[bool], zoom: int = 3) -> int:

@@ -97,6 +97,30 @@ class FlexInputs:
     forced_on: torch.Tensor | None = None
     keep_maps: bool = False
     replay: torch.Tensor | None = None  # per step selections generate feeds in as ``forced``
+    activations: Activations | None = None  # filled in when given (teacher_forward)
+
+
+@dataclass
+class Activations:
+    """What a teacher-forced forward computed on the way to its logits, for training losses
+    (``LlavaFlexAttn.teacher_forward(..., return_activations=True)``); inference never asks for
+    it, so it costs nothing there. Every tensor is part of the autograd graph.
+
+    final: [B, R, hidden] the flex rows' final normed hidden state (what ``lm_head`` reads);
+    entering: [B, R, hidden] the flex rows' hidden state entering layer s (the selecting query);
+    row_attention: one [B, R, S] per layer before s: the flex rows' attention over the sequence,
+    mean over heads (``attention_probs``, the rule the layer itself attends by);
+    maps: one [B, R, G*G] image attention map per selecting layer (s .. L-1), the same list as
+    ``StepRecord.maps``;
+    hr_read: one (probs [B, R, N], order [B, N / 64]) per FlexAttention layer that read
+    high-res keys: each flex row's attention on each gathered high-res token, mean over heads,
+    and the blocks gathered (tokens block by block, as in ``HighResCache.blocks``)."""
+
+    final: torch.Tensor | None = None
+    entering: torch.Tensor | None = None
+    row_attention: list[torch.Tensor] = field(default_factory=list)
+    maps: list[torch.Tensor] = field(default_factory=list)
+    hr_read: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 @dataclass
@@ -121,6 +145,32 @@ def image_attention(probs: torch.Tensor, flex: FlexInputs) -> torch.Tensor:
     idx = flex.image_slot.view(-1, 1) + torch.arange(n, device=probs.device).view(1, -1)
     idx = idx.clamp(max=s - 1).unsqueeze(1).expand(b, r, n)
     return probs.gather(2, idx) * flex.has_image.view(-1, 1, 1)
+
+
+def row_scores(q: torch.Tensor, keys: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+    """Masked attention scores of query rows over the sequence keys: q [B, H, R, D] (projected,
+    rotary applied; row i sits at slot S - R + i), keys [B, Hkv, S, D] (the same), key_valid
+    [B, S] bool -> float32 [B, Hkv, H / Hkv, R, S] (heads grouped by their kv head), each row
+    seeing the valid keys up to its own slot. Matrix products run in the model dtype, as in the
+    original's eager attention; only the score rows are float32."""
+    b, h, r, d = q.shape
+    hkv, s = keys.shape[1], keys.shape[2]
+    qg = q.reshape(b, hkv, (h // hkv) * r, d)  # heads grouped by their kv head, then rows
+    scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * d ** -0.5
+    scores = scores.view(b, hkv, h // hkv, r, s)
+    allowed = key_valid.view(b, 1, 1, 1, s)
+    if r > 1:  # row i sits at slot s - r + i and sees the keys up to it
+        slot = torch.arange(s, device=q.device).view(1, -1)
+        row_slot = torch.arange(s - r, s, device=q.device).view(-1, 1)
+        allowed = allowed & (slot <= row_slot).view(1, 1, 1, r, s)
+    return scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
+def attention_probs(q: torch.Tensor, keys: torch.Tensor, key_valid: torch.Tensor
+                    ) -> torch.Tensor:
+    """The sequence attention of query rows (``row_scores``'s shapes): float32
+    [B, Hkv, H / Hkv, R, S]."""
+    return torch.softmax(row_scores(q, keys, key_valid), dim=-1)
 
 
 def project_hr_keys(attn: HierarchicalAttention, hr: HighResCache, x: torch.Tensor,
@@ -154,11 +204,6 @@ class HierarchicalAttention(nn.Module):
         self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=False)
         self.selects = layer_idx >= cfg.select_layer  # its map makes the next layer's selection
         self.is_flex = layer_idx > cfg.select_layer  # attends to high-res keys
-        # With FlexInputs.keep_maps (training, traces), the last step's reading: the flex rows'
-        # attention on each gathered high-res token, mean over heads, [B, R, N], and the
-        # blocks gathered, [B, N / 64] (tokens block by block, as in HighResCache.blocks).
-        # Never read by inference.
-        self.hr_read: tuple[torch.Tensor, torch.Tensor] | None = None
         if self.is_flex:
             self.k_proj_hd = nn.Linear(cfg.hidden_size, hkv * d, bias=False)
             self.v_proj_hd = nn.Linear(cfg.hidden_size, hkv * d, bias=False)
@@ -191,6 +236,9 @@ class HierarchicalAttention(nn.Module):
         if flex is None or not self.selects:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=sdpa_mask,
                                                  is_causal=causal, enable_gqa=gqa)
+            if flex is not None and flex.activations is not None:  # a layer before s
+                flex.activations.row_attention.append(
+                    attention_probs(q[:, :, t - flex.rows:], keys, key_valid).mean(dim=(1, 2)))
         else:
             r = flex.rows
             last, probs = self._flex_rows(q[:, :, t - r:], keys, values, key_valid, flex,
@@ -219,15 +267,7 @@ class HierarchicalAttention(nn.Module):
         rep = h // hkv
         scale = d ** -0.5
         qg = q.reshape(b, hkv, rep * r, d)  # heads grouped by their kv head, then rows
-        scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * scale
-        scores = scores.view(b, hkv, rep, r, s)
-        allowed = key_valid.view(b, 1, 1, 1, s)
-        if r > 1:  # row i sits at slot s - r + i and sees the keys up to it
-            slot = torch.arange(s, device=q.device).view(1, -1)
-            row_slot = torch.arange(s - r, s, device=q.device).view(-1, 1)
-            allowed = allowed & (slot <= row_slot).view(1, 1, 1, r, s)
-        neg = torch.finfo(torch.float32).min
-        scores = scores.masked_fill(~allowed, neg)
+        scores = row_scores(q, keys, key_valid)  # [B, Hkv, rep, R, S]
         probs_seq = torch.softmax(scores, dim=-1)  # [B, Hkv, rep, R, S]
         selection_probs = probs_seq.sum(dim=(1, 2))  # [B, R, S]
         hr = None
@@ -244,8 +284,8 @@ class HierarchicalAttention(nn.Module):
         probs = torch.softmax(torch.cat([scores, s_hr], dim=-1), dim=-1).to(values.dtype)
         out = torch.matmul(probs[..., :s].reshape(b, hkv, rep * r, s), values)
         p_hr = probs[..., s:]  # [B, Hkv, rep, R, N]
-        if flex.keep_maps:
-            self.hr_read = (p_hr.float().sum(dim=(1, 2)) / h, order)
+        if flex.activations is not None:
+            flex.activations.hr_read.append((p_hr.float().sum(dim=(1, 2)) / h, order))
         w_v = self.v_proj_hd.weight.view(hkv, d, -1)  # [Hkv, D, hidden]
         if flex.cfg.hr_kv_reuse:
             # values without projecting tokens: W_V' (sum_t p_t f_t), per query head and row

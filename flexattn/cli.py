@@ -1,5 +1,6 @@
 """``flexattn`` command line: ``generate`` one answer, ``convert`` a checkpoint to the own layout,
-``viz`` one answer plus a PNG of what the model looked at, ``synthhr`` a SynthHR question set."""
+``viz`` one answer plus a PNG of what the model looked at. (A SynthHR question set:
+``python -m synthhr.task``; flexattn never imports synthhr.)"""
 
 from __future__ import annotations
 
@@ -88,14 +89,6 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _synthhr(args: argparse.Namespace) -> int:
-    from .synthhr import write_set
-
-    path = write_set(args.out, args.images, args.seed, start=args.start)
-    print(f"wrote {2 * args.images} questions on {args.images} images: {path}")
-    return 0
-
-
 def _add_input_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     """The flags `_load_inputs` reads (model, image, prompt) and the answer length."""
     p.add_argument("--model", required=True, help="checkpoint directory (any layout)")
@@ -134,13 +127,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--vision-tower", help="CLIP tower directory for the original layout")
     c.add_argument("--dtype", choices=DTYPES, default="float16")
     c.set_defaults(func=_convert)
-    s = sub.add_parser("synthhr", help="write a SynthHR set: 1008 px PNG scenes and a manifest"
-                       " of their questions (id, image_uri, question, answer, type, boxes)")
-    s.add_argument("--out", required=True, help="folder for images/ and manifest.parquet")
-    s.add_argument("--images", type=int, required=True, help="scenes (two questions each)")
-    s.add_argument("--seed", type=int, required=True, help="set seed (training used 0)")
-    s.add_argument("--start", type=int, default=0, help="index of the first scene")
-    s.set_defaults(func=_synthhr)
     return p
 
 

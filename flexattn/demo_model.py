@@ -56,6 +56,7 @@ from pathlib import Path
 
 import torch
 
+from .answers import ANSWER_SUFFIX
 from .conversation import SYSTEM as SYSTEM_PROMPT
 from .original_layout import (
     CLIP_DIR_NAME,
@@ -80,7 +81,7 @@ DEMO_DIR_NAME = "tiny-demo"
 # remote-sensing captions, VQA and OCR phrases. 58 distinct characters, so a 320-piece
 # vocabulary holds 3 special + 256 byte + 58 character pieces and a few merges. Do not edit:
 # the tokenizer (and so every tiny model) is a function of this text.
-_CORPUS: tuple[str, ...] = (
+CORPUS: tuple[str, ...] = (
     SYSTEM_PROMPT,
     "USER: <image>",
     "Describe this image in detail. ASSISTANT:",
@@ -100,7 +101,7 @@ _CORPUS: tuple[str, ...] = (
     "The page has two columns of text, a table and a figure.",
     "Provide a short caption for the picture. ASSISTANT: A white square on a dark background.",
     "What color is the roof of the house? ASSISTANT: The roof is red.",
-    "Answer the question using a single word or phrase.",
+    ANSWER_SUFFIX,
     "A road runs from the west to the east, next to the airport.",
     "The image shows a coastline with a beach, a port and some boats.",
     "Small cars are parked near the stadium in the center of the city.",
@@ -270,7 +271,7 @@ def _load_exact(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> No
 
 
 def train_tiny_tokenizer(out_dir: Path, vocab_size: int = 320,
-                         corpus: tuple[str, ...] = _CORPUS) -> Path:
+                         corpus: tuple[str, ...] = CORPUS) -> Path:
     """Train a tiny Llama-like sentencepiece BPE tokenizer on an embedded English corpus.
 
     Settings follow Llama's tokenizer: byte fallback, ``<unk>``=0, ``<s>``=1, ``</s>``=2, no

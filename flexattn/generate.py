@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from .attention import FlexInputs, HighResCache, KVCache, StepRecord
+from .attention import Activations, FlexInputs, HighResCache, KVCache, StepRecord
 from .config import FlexAttnConfig
 from .flops import image_cost
 from .image import direct_view, lowres_view, normalise, prepare_image, tiles
@@ -94,13 +94,15 @@ class TeacherOutput:
     """What ``teacher_forward`` computed. logits: [B, R, vocab] float32 of the R flex rows;
     targets: [B, R] the answer token each row predicts (-100 where a row is prompt, for answers
     shorter than R); record: the FlexAttention layers' maps and selections; vision, hr: the
-    encoded features (low-res, and the high-res blocks that were encoded)."""
+    encoded features (low-res, and the high-res blocks that were encoded); activations: with
+    ``return_activations``, what the training losses read (``attention.Activations``)."""
 
     logits: torch.Tensor
     targets: torch.Tensor
     record: StepRecord
     vision: VisionFeatures
     hr: HighResCache | None
+    activations: Activations | None = None
 
 
 def _now(device: torch.device) -> float:
@@ -329,7 +331,7 @@ class LlavaFlexAttn:
         """What the FlexAttention layers read: margins, the high-res cache (features, or the
         tiles to encode lazily, and the interpolated rotary tables of the image positions).
         ``options`` are ``FlexInputs`` fields (rows, row_valid, forced, forced_on,
-        keep_maps)."""
+        keep_maps, activations)."""
         cfg, device, dtype = self.config, self.device, self.dtype
         b = len(images)
         keep = margin_keep(torch.tensor(sizes), cfg.lr_grid).to(device)
@@ -501,7 +503,8 @@ class LlavaFlexAttn:
                         answers: list[list[int]],
                         image_sizes: list[tuple[int, int] | None] | None = None,
                         forced: torch.Tensor | None = None,
-                        forced_on: torch.Tensor | None = None) -> TeacherOutput:
+                        forced_on: torch.Tensor | None = None,
+                        return_activations: bool = False) -> TeacherOutput:
         """Prompt plus answer in one forward, each answer token predicted exactly as the
         matching step of ``generate`` predicts it (mode ``flexattn``, greedy).
 
@@ -509,7 +512,11 @@ class LlavaFlexAttn:
         rows is the position that predicts answer token j (the last prompt token for j = 0),
         with its own selection from its own attention at layer s, its high-res keys and the
         interpolated rotary embedding. forced: [B, R, P*P] selection used in place of the
-        model's own where ``forced_on`` [B] is set. Runs with autograd when enabled."""
+        model's own where ``forced_on`` [B] is set. Runs with autograd when enabled: this is the
+        model's differentiable forward. With ``return_activations``, the output also carries
+        the final normed hidden state, the hidden state entering layer s, the attention of the
+        layers before s, the selecting layers' maps and the high-res reading
+        (``attention.Activations``); without it nothing extra is computed."""
         ids, sizes = self.tokenize(images, prompts, image_sizes)
         if any(not a for a in answers) or len(answers) != len(ids):
             raise ValueError("every sample needs a non-empty answer")
@@ -521,12 +528,13 @@ class LlavaFlexAttn:
         for i, a in enumerate(answers):
             targets[i, r - len(a):] = torch.tensor(a, device=self.device)
         flex = self.flex_inputs(seq, vision, images, sizes, rows=r, row_valid=targets >= 0,
-                                forced=forced, forced_on=forced_on, keep_maps=True)
+                                forced=forced, forced_on=forced_on, keep_maps=True,
+                                activations=Activations() if return_activations else None)
         logits, record = self.module.forward_step(
             seq.embeds, seq.positions, 0, seq.sdpa_mask, seq.key_valid, self._caches(
                 len(ids), seq.width), flex)
         return TeacherOutput(logits=logits, targets=targets, record=record, vision=vision,
-                             hr=flex.hr)
+                             hr=flex.hr, activations=flex.activations)
 
     @staticmethod
     def _choose(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,

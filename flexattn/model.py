@@ -155,12 +155,17 @@ class LlavaFlexAttnForCausalLM(nn.Module):
         key_valid: [B, start+T] bool.
         Returns float32 logits of the flex rows (the last ``flex.rows`` positions; the last
         position without FlexAttention): [B, R, vocab], and what the FlexAttention layers did.
-        Each selecting layer's map makes the selection the next layer reads."""
+        Each selecting layer's map makes the selection the next layer reads. With
+        ``flex.activations``, what the training losses read is recorded there."""
         cos, sin = self.rotary(embeds, positions)
         record = StepRecord()
         h, hr_mask = embeds, None
+        rows = flex.rows if flex is not None else 1
+        acts = flex.activations if flex is not None else None
         for layer, cache in zip(self.model.layers, caches):
             attn = layer.self_attn
+            if acts is not None and attn.layer_idx == self.config.select_layer:
+                acts.entering = h[:, -rows:]
             if attn.is_flex and hr_mask is not None:
                 self.ensure_tiles(flex, flex.has_image.view(-1, 1).expand(-1, hr_mask.shape[-1])
                                   if flex.cfg.hr_kv_prefetch else hr_mask.any(1))
@@ -168,8 +173,9 @@ class LlavaFlexAttnForCausalLM(nn.Module):
             h, probs = layer(h, cos, sin, cache, start, sdpa_mask, key_valid, flex, hr_mask)
             if probs is not None:
                 hr_mask = self.next_selection(flex, attn.layer_idx, probs, record)
-        rows = flex.rows if flex is not None else 1
         h = self.model.norm(h[:, -rows:])
+        if acts is not None:
+            acts.final, acts.maps = h, record.maps
         return self.lm_head(h).float(), record
 
     @staticmethod

@@ -21,9 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # a plain checkout, not pip-installed
     sys.path.insert(0, str(REPO))
 
-from flexattn.synthhr import write_set
 from jobs import score_rsvqa
 from pipeline.resume import read_output
+from synthhr.task import write_set
 
 DEFAULT_MODEL = str(REPO / "models" / "synthhr-mini")
 MODES = ("flexattn", "lowres")

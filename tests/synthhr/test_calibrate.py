@@ -1,11 +1,11 @@
-"""flexattn.calibrate's choice of a threshold from the candidates' validation figures, and what
+"""synthhr.calibrate's choice of a threshold from the candidates' validation figures, and what
 it writes into a checkpoint."""
 
 from __future__ import annotations
 
 import json
 
-from flexattn.calibrate import choose, write_threshold
+from synthhr.calibrate import choose, write_threshold
 
 
 def row(threshold, frac, hit=1.0, pattern=0.8):
@@ -26,9 +26,9 @@ def test_a_threshold_that_loses_the_box_or_accuracy_is_never_chosen():
 
 def test_the_choice_is_written_into_the_checkpoint_and_recorded(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"extra": {"threshold": "48"}}))
-    (tmp_path / "training.json").write_text(json.dumps({"command": "python -m flexattn.train"}))
-    write_threshold(tmp_path, 96.0, {"chosen": 96.0, "command": "python -m flexattn.calibrate"})
+    (tmp_path / "training.json").write_text(json.dumps({"command": "python -m synthhr.train"}))
+    write_threshold(tmp_path, 96.0, {"chosen": 96.0, "command": "python -m synthhr.calibrate"})
     assert json.loads((tmp_path / "config.json").read_text())["extra"]["threshold"] == "96.0"
     training = json.loads((tmp_path / "training.json").read_text())
-    assert training["command"] == "python -m flexattn.train"
+    assert training["command"] == "python -m synthhr.train"
     assert training["calibration"]["chosen"] == 96.0

@@ -17,12 +17,18 @@ many boxes are there?" is answerable at 336 px. The distribution:
 
 Everything is a function of ``(seed, index)``: image ``index`` of a set draws from
 ``numpy.random.default_rng([seed, index])`` in a fixed order, so any image can be made alone.
+
+    python -m synthhr.task --out DIR --images N --seed S [--start I]
+
+writes a set on disk (``write_set``): 1008 px PNG scenes and a manifest of their questions.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -250,3 +256,26 @@ def write_set(out_dir: str | Path, images: int, seed: int, start: int = 0) -> Pa
 def read_boxes(text: str) -> list[Box]:
     """The ``boxes`` column of a manifest row -> boxes."""
     return [Box(**b) for b in json.loads(text)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m synthhr.task",
+                                description="write a SynthHR set: 1008 px PNG scenes and a"
+                                " manifest of their questions (id, image_uri, question, answer,"
+                                " type, boxes)")
+    p.add_argument("--out", required=True, help="folder for images/ and manifest.parquet")
+    p.add_argument("--images", type=int, required=True, help="scenes (two questions each)")
+    p.add_argument("--seed", type=int, required=True, help="set seed (training used 0)")
+    p.add_argument("--start", type=int, default=0, help="index of the first scene")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        path = write_set(args.out, args.images, args.seed, start=args.start)
+    except ValueError as exc:
+        p.error(str(exc))
+    print(f"wrote {2 * args.images} questions on {args.images} images: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from flexattn import synthhr
+from flexattn.answers import ANSWER_SUFFIX
+from synthhr import task as synthhr
 
 
 def reference_pattern(name: str, i: int, j: int) -> bool:
@@ -107,5 +108,12 @@ def test_write_set_is_a_manifest_the_rsvqa_job_reads(tmp_path):
     questions = read_questions(str(path))
     assert questions.column("question_type").to_pylist() == table.column("type").to_pylist()
     assert questions.column("ground_truth").to_pylist() == table.column("answer").to_pylist()
-    assert questions.column("question").to_pylist()[0].endswith(
-        "\nAnswer the question using a single word or phrase.")
+    assert questions.column("question").to_pylist()[0].endswith("\n" + ANSWER_SUFFIX)
+
+
+def test_task_command_writes_a_set(tmp_path, capsys):
+    assert synthhr.main(["--out", str(tmp_path / "set"), "--images", "2", "--seed", "3"]) == 0
+    assert "wrote 4 questions on 2 images" in capsys.readouterr().out
+    assert pq.read_table(tmp_path / "set" / "manifest.parquet").num_rows == 4
+    with pytest.raises(SystemExit):
+        synthhr.main(["--out", str(tmp_path / "bad"), "--images", "0", "--seed", "3"])

@@ -1,6 +1,8 @@
 """Choose a trained SynthHR checkpoint's selection threshold on validation scenes.
 
-    python -m flexattn.calibrate models/synthhr-mini --seed 1 --images 32 --max-frac 0.08
+    python -m synthhr.calibrate models/synthhr-mini --seed 1 --images 32 --max-frac 0.08
+
+``python -m synthhr.train`` runs it on the model it exports (the config's ``[calibrate]``).
 
 Selection keeps the cells whose min-max normalised attention, times 255, is above
 ``threshold`` (48 in the published model). Training shapes where the attention goes, not how
@@ -29,8 +31,9 @@ CANDIDATES = (48.0, 64.0, 80.0, 96.0, 112.0, 128.0, 160.0, 192.0)
 def calibrate(folder: Path, seed: int, images: int, max_frac: float, min_hit: float,
               candidates: tuple[float, ...] = CANDIDATES) -> dict:
     """Every candidate's validation figures and the chosen threshold (None if none passes)."""
-    from .loading import load_model
-    from .train import evaluate_model
+    from flexattn.loading import load_model
+
+    from .evaluate import evaluate_model
 
     model = load_model(folder, device="cpu", dtype="float32")
     rows = []
@@ -68,8 +71,32 @@ def write_threshold(folder: Path, threshold: float, record: dict) -> None:
     training_path.write_text(json.dumps(training, indent=2) + "\n")
 
 
+def calibrate_command(folder: Path, seed: int, images: int, max_frac: float,
+                      min_hit: float) -> list[str]:
+    """The arguments of this module's command for these settings."""
+    return [str(folder), "--seed", str(seed), "--images", str(images), "--max-frac",
+            f"{max_frac:g}", "--min-hit", f"{min_hit:g}"]
+
+
+def run(folder: Path, seed: int, images: int, max_frac: float, min_hit: float,
+        words: list[str] | None = None) -> dict:
+    """Calibrate ``folder``; write the chosen threshold and the record (with the command,
+    ``words`` or the equivalent one) into it, unless no candidate passes. Returns the
+    record."""
+    t0 = time.perf_counter()
+    result = calibrate(folder, seed, images, max_frac, min_hit)
+    words = words if words is not None else calibrate_command(folder, seed, images, max_frac,
+                                                              min_hit)
+    record = {"command": "python -m synthhr.calibrate " + " ".join(map(str, words)),
+              "seconds": round(time.perf_counter() - t0, 1), "date": time.strftime("%Y-%m-%d"),
+              **result}
+    if result["chosen"] is not None:
+        write_threshold(folder, result["chosen"], record)
+    return record
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m flexattn.calibrate",
+    p = argparse.ArgumentParser(prog="python -m synthhr.calibrate",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("model", type=Path, help="a trained checkpoint folder (original layout)")
     p.add_argument("--seed", type=int, default=1, help="validation scenes (default: 1)")
@@ -84,18 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.images < 1:
         p.error(f"--images must be >= 1, got {args.images}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    t0 = time.perf_counter()
-    result = calibrate(args.model, args.seed, args.images, args.max_frac, args.min_hit)
     words = sys.argv[1:] if argv is None else argv
-    record = {"command": "python -m flexattn.calibrate " + " ".join(map(str, words)),
-              "seconds": round(time.perf_counter() - t0, 1), "date": time.strftime("%Y-%m-%d"),
-              **result}
-    if result["chosen"] is None:
+    record = run(args.model, args.seed, args.images, args.max_frac, args.min_hit, words)
+    if record["chosen"] is None:
         print("no candidate threshold passes; the checkpoint is left as it is", file=sys.stderr)
         print(json.dumps(record, indent=1))
         return 1
-    write_threshold(args.model, result["chosen"], record)
-    print(f"threshold {result['chosen']:g} written to {args.model / 'config.json'}")
+    print(f"threshold {record['chosen']:g} written to {args.model / 'config.json'}")
     return 0
 
 
