@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 
 from pipeline.columns import GROUND_TRUTH, QUESTION
 from pipeline.stac import is_stac, iter_stac
-from pipeline.storage import is_local, open_fs, printable, to_uri
+from pipeline.storage import is_local, open_fs, printable, retrying, to_uri
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +144,12 @@ def rebatch(tables: Iterable[pa.Table], rows: int) -> Iterator[pa.Table]:
 
 def _open_source(source: str, extensions: tuple[str, ...],
                  asset: str | None = None) -> Source:
+    # What --input is, and a folder's listing, asked of the store on the driver: retried
+    # through a transient outage like every other read (pipeline.storage.retrying).
+    return retrying(f"list {source}", lambda: _classify(source, extensions, asset))
+
+
+def _classify(source: str, extensions: tuple[str, ...], asset: str | None) -> Source:
     fs, path = open_fs(source)
     if is_stac(path) and fs.isfile(path):
         return Source("manifest", iter_stac(source, asset))  # (ids checked for duplicates too)
