@@ -70,14 +70,11 @@ def test_committed_mini_is_the_original_layout_with_its_provenance():
     assert config["model_type"] == "llava_llama"
     assert (MODEL / config["mm_vision_tower"] / "model.safetensors").is_file()
     provenance = json.loads((MODEL / "training.json").read_text())
-    # made by python -m synthhr.train (the config inline), or by its predecessor
-    # python -m flexattn.train (hand-staged flags: "recipe")
-    assert provenance["command"].startswith(("python -m synthhr.train",
-                                             "python -m flexattn.train"))
-    recipe = provenance.get("config") or provenance["recipe"]
+    # made by the one command, with the config inline
+    assert provenance["command"].startswith("python -m synthhr.train --config ")
+    recipe = provenance["config"]
     assert recipe["seed"] == 0 and len(provenance["commit"]) == 40
-    seconds = provenance.get("wall_seconds") or provenance["train_seconds"]
-    assert seconds > 0 and provenance["steps"] == recipe["steps"]
+    assert provenance["wall_seconds"] > 0 and provenance["steps"] == recipe["steps"]
     # the selection threshold was chosen on validation scenes (synthhr.calibrate)
     calibration = provenance["calibration"]
     assert calibration["command"].startswith(("python -m synthhr.calibrate",
