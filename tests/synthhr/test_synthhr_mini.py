@@ -77,8 +77,7 @@ def test_committed_mini_is_the_original_layout_with_its_provenance():
     assert provenance["wall_seconds"] > 0 and provenance["steps"] == recipe["steps"]
     # the selection threshold was chosen on validation scenes (synthhr.calibrate)
     calibration = provenance["calibration"]
-    assert calibration["command"].startswith(("python -m synthhr.calibrate",
-                                              "python -m flexattn.calibrate"))
+    assert calibration["command"].startswith("python -m synthhr.calibrate ")
     assert float(config["extra"]["threshold"]) == calibration["chosen"]
     total = sum(f.stat().st_size for f in MODEL.rglob("*") if f.is_file())
     assert total <= 40 * 2**20
